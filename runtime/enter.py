@@ -1,4 +1,4 @@
-"""Container entry helper: `python3 -I -S enter.py`, a ProcessSpec as JSON on stdin.
+"""Container entry helper: `python3 -I -S enter.py`, a ProcessSpec (as a marshal'd dict) on stdin.
 
 runtime.process.spawn() runs this as a separate, single-threaded process, because
 the daemon is multi-threaded and must not fork itself. The helper:
@@ -7,28 +7,26 @@ the daemon is multi-threaded and must not fork itself. The helper:
 2. forks: the child is PID 1 of the new pid namespace. It unshares its own mount
    namespace, sets it up (hostname, /etc files, /proc, /sys, chroot) and execs the
    command;
-3. prints {"pid": HOST_PID, "start_time": TICKS} (or {"error": ..., "kind": ...})
-   on stdout once the exec has succeeded or failed, and exits without waiting.
-   The container is then re-parented to the daemon (a child subreaper), so nothing
-   stays resident per container.
+3. writes {"pid": HOST_PID, "start_time": TICKS} (or {"error": ..., "kind": ...}),
+   marshal'd, on stdout once the exec has succeeded or failed, and exits without
+   waiting. The container is then re-parented to the daemon (a child subreaper),
+   so nothing stays resident per container.
 
 Exec and set-up failures travel over a close-on-exec pipe: EOF means exec worked.
-Only the standard library and ./namespaces.py are used (-I puts neither the
-script's directory nor site-packages on sys.path).
+
+Every import costs spawn latency, so: marshal rather than json (both ends are the
+same interpreter, sys.executable), _signal rather than signal (which pulls in enum),
+and ./syscalls.py for the system calls (-I leaves this directory off sys.path).
 """
 
+import _signal
 import errno
-import importlib.util
-import json
+import marshal
 import os
-import re
-import signal
 import sys
 
-_here = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("_netd_namespaces", os.path.join(_here, "namespaces.py"))
-ns = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ns)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import syscalls as ns  # noqa: E402
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -58,8 +56,10 @@ def _ensure_mount_point(path, directory):
 
 
 def _unescape_mountinfo(field):
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040), so
+    every backslash starts one."""
+    first, *rest = field.split("\\")
+    return first + "".join(chr(int(part[:3], 8)) + part[3:] for part in rest)
 
 
 def _unmount_netns_pins():
@@ -95,8 +95,11 @@ def _setup_and_exec(spec, stdio):
 
     rootfs = spec.get("rootfs")
     if spec.get("hostname"):
-        with open("/proc/sys/kernel/hostname", "w") as f:  # our (new) uts namespace's
-            f.write(spec["hostname"])
+        try:
+            ns.sethostname(spec["hostname"])  # of our new uts namespace
+        except OSError as exc:
+            raise SetupError(f"invalid hostname {spec['hostname']!r}: {os.strerror(exc.errno)}",
+                             "bad_request") from None
     for container_path, host_file in sorted(spec.get("etc_files", {}).items()):
         target = _inside(rootfs, container_path)
         if rootfs:
@@ -135,12 +138,12 @@ def _setup_and_exec(spec, stdio):
         env["HOSTNAME"] = spec["hostname"]
     env.update(spec.get("env") or {})
     # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals ignored.
-    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for signum in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        _signal.signal(signum, _signal.SIG_DFL)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
     cmd = spec["cmd"]
     try:
-        os.execvpe(cmd[0], cmd, env)
+        _execvpe(cmd, env)
     except FileNotFoundError:
         where = "" if "/" in cmd[0] else " in $PATH"
         raise SetupError(f"executable file not found{where}: {cmd[0]}", "bad_request") from None
@@ -148,6 +151,21 @@ def _setup_and_exec(spec, stdio):
         raise SetupError(f"permission denied: {cmd[0]}", "bad_request") from None
     except OSError as exc:
         raise SetupError(f"cannot execute {cmd[0]}: {exc.strerror}", "bad_request") from None
+
+
+def _execvpe(cmd, env):
+    """os.execvpe, minus its lazy `import warnings`, which fails after a chroot."""
+    if "/" in cmd[0]:
+        os.execve(cmd[0], cmd, env)
+    denied = None
+    for directory in env["PATH"].split(":"):
+        try:
+            os.execve(os.path.join(directory or ".", cmd[0]), cmd, env)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError as exc:  # as a shell does: keep looking, report it if nothing else runs
+            denied = exc
+    raise denied or FileNotFoundError(errno.ENOENT, "not found", cmd[0])
 
 
 def _describe(exc):
@@ -163,7 +181,7 @@ def _start_time(pid):
 
 
 def main():
-    spec = json.load(sys.stdin)
+    spec = marshal.load(sys.stdin.buffer)
     try:
         if not spec.get("cmd"):
             raise SetupError("no command given", "bad_request")
@@ -199,7 +217,7 @@ def main():
         except BaseException as exc:
             report = {"error": _describe(exc), "kind": "internal"}
         try:
-            os.write(errors_w, json.dumps(report).encode())
+            os.write(errors_w, marshal.dumps(report))
         finally:
             os._exit(127)
     os.close(errors_w)
@@ -208,16 +226,18 @@ def main():
         chunks.append(chunk)
     if chunks:
         os.waitpid(pid, 0)  # it has exited (or is about to): PID 1 gone, the namespaces go too
-        return _reply(json.loads(b"".join(chunks)))
+        return _reply(marshal.loads(b"".join(chunks)))
     # Read now, while the child is still ours and cannot have been reaped.
     return _reply({"pid": pid, "start_time": _start_time(pid)})
 
 
 def _reply(message):
-    sys.stdout.write(json.dumps(message))
-    sys.stdout.flush()
+    data = marshal.dumps(message)
+    while data:
+        data = data[os.write(1, data):]
     return 0 if "pid" in message else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    os._exit(status)  # the reply is written; skip the interpreter's teardown (a few ms per spawn)

@@ -1,16 +1,12 @@
-"""Linux namespaces through libc: setns, unshare, mount, and pinned network namespaces.
+"""Network namespaces: create them pinned at a path, enter them per thread.
 
-Python 3.11 has neither os.setns nor os.unshare, so these are thin ctypes wrappers.
-
-This module imports only the standard library (no netd, no relative imports): the
-container entry helper (runtime/enter.py) loads it by file path in an isolated
-interpreter (`python3 -I -S`).
+The system calls themselves (and the CLONE_*/MS_* constants, re-exported here)
+are in runtime/syscalls.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -18,61 +14,23 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from .syscalls import (  # noqa: F401  (re-exported: the namespaces API)
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUTS,
+    MNT_DETACH,
+    MS_BIND,
+    mount,
+    setns,
+    umount,
+    unshare,
+)
+
 T = TypeVar("T")
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-
-MNT_DETACH = 0x2
-
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): which kind of namespace an nsfs file is
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"{what}: {os.strerror(code)}")
-
-
-def _b(value: str | None) -> bytes | None:
-    return None if value is None else os.fsencode(value)
-
-
-def setns(fd: int, nstype: int = 0) -> None:
-    """Move the calling thread into the namespace that `fd` refers to."""
-    _check(_libc.setns(fd, nstype), f"setns(fd {fd}, type {nstype:#x})")
-
-
-def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), f"unshare({flags:#x})")
-
-
-def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0,
-          data: str | None = None) -> None:
-    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
-           f"mount {source} on {target} (type {fstype}, flags {flags:#x})")
-
-
-def umount(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(_b(target), flags), f"umount {target}")
 
 
 def is_netns(path: str) -> bool:

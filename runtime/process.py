@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import logging
+import marshal
 import os
 import select
 import signal
@@ -62,14 +62,14 @@ def spawn(spec: ProcessSpec) -> ProcessHandle:
     try:
         helper = subprocess.run(
             [sys.executable, "-I", "-S", ENTER_HELPER],
-            input=json.dumps(dataclasses.asdict(spec)).encode(),
+            input=marshal.dumps(dataclasses.asdict(spec)),
             capture_output=True, timeout=60, check=False,
         )
     except subprocess.TimeoutExpired:
         raise Internal("cannot start container: the runtime helper did not answer within 60s") from None
     try:
-        reply = json.loads(helper.stdout)
-    except ValueError:
+        reply = marshal.loads(helper.stdout)
+    except (EOFError, ValueError, TypeError):
         stderr = helper.stderr.decode(errors="replace").strip().splitlines()
         raise Internal("cannot start container: runtime helper failed: "
                        f"{stderr[-1] if stderr else f'exit status {helper.returncode}'}") from None
@@ -152,7 +152,11 @@ class Reaper:
         self._epoll.register(pidfd, select.EPOLLIN)
 
     def forget(self, pid: int) -> None:
-        """Drop what is known about `pid` (its container was removed)."""
+        """Drop the recorded exit and pending callbacks of `pid` (its container was removed).
+
+        Exits are kept until then. A pid still running stays watched, so that it is
+        still reaped when it exits.
+        """
         with self._cond:
             self._exited.pop(pid, None)
             self._callbacks.pop(pid, None)
@@ -189,7 +193,10 @@ class Reaper:
     def _run(self) -> None:
         while True:
             for pidfd, _ in self._epoll.poll():
-                self._collect(pidfd)
+                try:
+                    self._collect(pidfd)
+                except Exception:  # the thread must outlive any one bad pid
+                    log.exception("collecting the exit of pidfd %d failed", pidfd)
 
     def _collect(self, pidfd: int) -> None:
         try:
@@ -295,12 +302,12 @@ def kill(handle: ProcessHandle) -> None:
 def exec_argv(pid: int, cmd: list[str], rootfs: bool) -> list[str]:
     """The argv that runs `cmd` inside the running container `pid` (for the CLI to execvp).
 
-    util-linux nsenter joins its namespaces; with a rootfs, also its root and working
-    directory. --pid makes nsenter fork, so the command is in the container's pid
-    namespace (and dies with its PID 1).
+    util-linux nsenter joins its namespaces and its working directory (as `docker exec`
+    starts in the container's); with a rootfs, also its root. --pid makes nsenter
+    fork, so the command is in the container's pid namespace (and dies with its PID 1).
     """
     argv = ["nsenter", f"--target={pid}", "--net", "--uts", "--ipc", "--mount", "--pid"]
     if rootfs:
-        argv += ["--root", "--wd"]
-    return [*argv, "--", *cmd]
+        argv.append("--root")
+    return [*argv, "--wd", "--", *cmd]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,15 +16,20 @@ if os.geteuid() != 0:
     pytest.skip("runtime tests need root (namespaces, mounts)", allow_module_level=True)
 
 
-@pytest.fixture(scope="session")
-def reaper() -> process.Reaper:
-    """One Reaper per process, as in the daemon (it makes this process a child subreaper)."""
+@pytest.fixture(scope="package")
+def reaper() -> Iterator[process.Reaper]:
+    """A started Reaper, as in the daemon. It makes this pytest process a child subreaper;
+    that is undone after these tests, so that other packages' orphans go to init as usual."""
     existing = process.active_reaper()
-    if existing is not None:
-        return existing
+    if existing is not None:  # started by someone else in this process: theirs to keep
+        yield existing
+        return
     started = process.Reaper()
     started.start()
-    return started
+    try:
+        yield started
+    finally:
+        ctypes.CDLL(None).prctl(process.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 @pytest.fixture

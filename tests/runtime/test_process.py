@@ -182,6 +182,8 @@ def test_bad_netns_and_workdir_fail_clearly(containers: Containers, tmp_path: Pa
         containers.spawn(ProcessSpec(cmd=["true"], netns_path=str(tmp_path / "missing"), log_path=containers.log()))
     with pytest.raises(BadRequest, match="working directory /nonexistent"):
         containers.spawn(ProcessSpec(cmd=["true"], workdir="/nonexistent", log_path=containers.log()))
+    with pytest.raises(BadRequest, match="invalid hostname"):
+        containers.spawn(ProcessSpec(cmd=["true"], hostname="x" * 100, log_path=containers.log()))
     with pytest.raises(BadRequest, match="no command"):
         containers.spawn(ProcessSpec(cmd=[], log_path=containers.log()))
 
@@ -222,13 +224,15 @@ def test_container_does_not_pin_other_network_namespaces(
 
 def test_exec_argv_runs_inside_the_container(containers: Containers, netns: str) -> None:
     handle = containers.spawn(ProcessSpec(cmd=["sleep", "1000"], netns_path=netns, hostname="exec1",
-                                          log_path=containers.log()))
-    argv = process.exec_argv(handle.pid, ["sh", "-c", "hostname; echo $$; readlink /proc/self/ns/net"], rootfs=False)
+                                          workdir="/var", log_path=containers.log()))
+    argv = process.exec_argv(handle.pid, ["sh", "-c", "hostname; echo $$; readlink /proc/self/ns/net; pwd"],
+                             rootfs=False)
     assert argv[0] == "nsenter"
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10).stdout.splitlines()
     assert out[0] == "exec1"
     assert 1 < int(out[1]) < 10  # a small pid: the container's pid namespace
     assert out[2] == netns_id(netns)
+    assert out[3] == "/var"  # the container's working directory
 
 
 def test_exec_argv_with_rootfs(containers: Containers, netns: str, busybox_rootfs: str) -> None:
