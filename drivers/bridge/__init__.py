@@ -1,0 +1,3 @@
+from drivers.bridge.driver import BridgeDriver
+
+__all__ = ["BridgeDriver"]

@@ -1,0 +1,161 @@
+"""The `bridge` driver: a Linux bridge per network on this host, a veth per endpoint.
+
+Outbound traffic is masqueraded, published ports are DNATed, and different bridge
+networks cannot reach each other; all of that lives in netd's own nftables table
+(netd.firewall). `--internal` networks get no route out and no NAT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+
+from netd import netlink
+from netd.driverapi import Driver, JoinInfo
+from netd.errors import BadRequest, Conflict
+from netd.model import Endpoint, Network, PortBinding
+
+OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
+OPT_MTU = "com.docker.network.driver.mtu"
+OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
+OPT_HOST_BINDING = "com.docker.network.bridge.host_binding_ipv4"
+
+DEFAULT_BRIDGE = "netd0"   # the default `bridge` network's device, as docker0 is Docker's
+
+
+def _truthy(value: str, option: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest(f"option {option} takes true or false, not {value!r}")
+
+
+class BridgeDriver(Driver):
+    name = "bridge"
+    known_options = frozenset({OPT_BRIDGE_NAME, OPT_MTU, OPT_MASQUERADE, OPT_HOST_BINDING})
+    supports_ports = True
+
+    # --- network ----------------------------------------------------------------------------
+
+    def validate(self, network: Network) -> None:
+        super().validate(network)
+        name = network.options.get(OPT_BRIDGE_NAME)
+        if name is not None and (not name or len(name) > netlink.IFNAMSIZ or "/" in name or " " in name):
+            raise BadRequest(f"invalid bridge name {name!r}: at most {netlink.IFNAMSIZ} characters, no '/' or spaces")
+        if OPT_MTU in network.options:
+            mtu = network.options[OPT_MTU]
+            if not mtu.isdigit() or not 68 <= int(mtu) <= 65535:
+                raise BadRequest(f"invalid MTU {mtu!r}: give a number from 68 to 65535")
+        if OPT_MASQUERADE in network.options:
+            _truthy(network.options[OPT_MASQUERADE], OPT_MASQUERADE)
+
+    def bridge_name(self, network: Network) -> str:
+        return network.driver_state.get("bridge") or network.options.get(OPT_BRIDGE_NAME) or (
+            DEFAULT_BRIDGE if network.builtin else netlink.interface_name("netd-", network.id[:10])
+        )
+
+    def _mtu(self, network: Network) -> int | None:
+        return int(network.options[OPT_MTU]) if OPT_MTU in network.options else None
+
+    def _masquerade(self, network: Network) -> bool:
+        return _truthy(network.options.get(OPT_MASQUERADE, "true"), OPT_MASQUERADE)
+
+    def create_network(self, network: Network) -> None:
+        bridge = self.bridge_name(network)
+        with netlink.netns_socket(None) as ipr:
+            if netlink.link_index(ipr, bridge) is not None:
+                raise Conflict(f"interface {bridge} already exists on this host: choose another bridge name")
+            network.driver_state["bridge"] = bridge
+            try:
+                self._build(ipr, network)
+            except Exception:
+                self._remove(ipr, network)
+                raise
+
+    def _build(self, ipr, network: Network) -> None:
+        bridge = network.driver_state["bridge"]
+        address = None
+        if network.ipam and network.ipam.gateway:
+            prefix = network.ipam.subnet.split("/")[1]
+            address = f"{network.ipam.gateway}/{prefix}"
+        netlink.ensure_bridge(ipr, bridge, address, self._mtu(network))
+        self.ctx.firewall.add_network(
+            network.id, bridge, network.ipam.subnet if network.ipam else "",
+            internal=network.internal, masquerade=self._masquerade(network),
+        )
+
+    def _remove(self, ipr, network: Network) -> None:
+        with contextlib.suppress(Exception):
+            self.ctx.firewall.remove_network(network.id)
+        netlink.delete_link(ipr, network.driver_state.get("bridge") or self.bridge_name(network))
+
+    def delete_network(self, network: Network) -> None:
+        with netlink.netns_socket(None) as ipr:
+            self._remove(ipr, network)
+
+    def restore(self, network: Network, endpoints: list[Endpoint]) -> None:
+        with netlink.netns_socket(None) as ipr:
+            self._build(ipr, network)
+            bridge = netlink.link_index(ipr, network.driver_state["bridge"])
+            for endpoint in endpoints:
+                index = netlink.link_index(ipr, endpoint.host_ifname)
+                if index is None:
+                    self.log.warning("endpoint %s of %s lost its veth %s", endpoint.container_name, network.name,
+                                     endpoint.host_ifname)
+                else:
+                    ipr.link("set", index=index, master=bridge, state="up")
+
+    def inspect(self, network: Network) -> dict:
+        return {"Bridge": network.driver_state.get("bridge", "")}
+
+    # --- endpoints --------------------------------------------------------------------------
+
+    def create_endpoint(self, network: Network, endpoint: Endpoint) -> None:
+        endpoint.host_ifname = netlink.interface_name("vnd", endpoint.id)
+        if not endpoint.mac:
+            endpoint.mac = netlink.mac_from_ip(endpoint.address) if endpoint.address else netlink.random_mac()
+
+    def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
+        with netlink.netns_socket(None) as ipr:
+            bridge = netlink.link_index(ipr, network.driver_state["bridge"])
+            if bridge is None:
+                raise OSError(errno.ENODEV, f"bridge {network.driver_state['bridge']} of network {network.name} is missing")
+            netlink.create_veth_into_netns(
+                ipr, endpoint.host_ifname, info.netns, info.ifname, bridge, endpoint.mac, self._mtu(network)
+            )
+            try:
+                gateway = network.ipam.gateway if info.set_default_route and not network.internal else None
+                netlink.configure_container_interface(info.netns, info.ifname, endpoint.ipv4, gateway)
+                endpoint.gateway = gateway or ""
+            except Exception:
+                netlink.delete_link(ipr, endpoint.host_ifname)
+                raise
+
+    def leave(self, network: Network, endpoint: Endpoint) -> None:
+        with netlink.netns_socket(None) as ipr:
+            netlink.delete_link(ipr, endpoint.host_ifname)
+
+    # --- published ports --------------------------------------------------------------------
+
+    def default_host_ip(self, network: Network) -> str:
+        return network.options.get(OPT_HOST_BINDING, "")
+
+    def publish_ports(self, network: Network, endpoint: Endpoint, ports: list[PortBinding]) -> None:
+        done: list[PortBinding] = []
+        try:
+            for port in ports:
+                self.ctx.firewall.add_port(
+                    network.id, endpoint.address, port.proto, port.host_ip or None, port.host_port,
+                    port.container_port, network.driver_state["bridge"],
+                )
+                done.append(port)
+        except Exception:
+            self.unpublish_ports(network, endpoint, done)
+            raise
+
+    def unpublish_ports(self, network: Network, endpoint: Endpoint, ports: list[PortBinding]) -> None:
+        for port in ports:
+            with contextlib.suppress(Exception):
+                self.ctx.firewall.remove_port(port.proto, port.host_ip or None, port.host_port)

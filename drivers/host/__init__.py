@@ -1,0 +1,21 @@
+"""The `host` driver: the container uses the host's own network namespace."""
+
+from netd.driverapi import Driver, JoinInfo
+from netd.model import Endpoint, Network
+
+
+class HostDriver(Driver):
+    name = "host"
+    has_addresses = False
+
+    def create_network(self, network: Network) -> None:
+        pass
+
+    def delete_network(self, network: Network) -> None:
+        pass
+
+    def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
+        pass  # nothing to plumb: the container runs in the host's namespace
+
+    def leave(self, network: Network, endpoint: Endpoint) -> None:
+        pass

@@ -1,0 +1,21 @@
+"""The `null` driver (network `none`): a namespace of its own with only `lo`."""
+
+from netd.driverapi import Driver, JoinInfo
+from netd.model import Endpoint, Network
+
+
+class NullDriver(Driver):
+    name = "null"
+    has_addresses = False
+
+    def create_network(self, network: Network) -> None:
+        pass
+
+    def delete_network(self, network: Network) -> None:
+        pass
+
+    def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
+        pass  # the sandbox already has lo up; nothing else belongs there
+
+    def leave(self, network: Network, endpoint: Endpoint) -> None:
+        pass

@@ -1,0 +1,5 @@
+import sys
+
+from netd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,368 @@
+"""The daemon's REST API on a Unix socket (Docker Engine API paths and field names where
+Docker has them). One function per route, each taking the request's JSON body or query.
+
+Errors are typed (netd.errors) and mapped once, here, to HTTP statuses with a JSON body
+`{"message": "..."}` as Docker's API does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socketserver
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import parse_qs, unquote, urlparse
+
+import netd
+from netd import views
+from netd.controller import Controller, parse_port_proto
+from netd.errors import BadRequest, NetdError, NotFound
+from netd.model import PortBinding
+
+log = logging.getLogger("netd.api")
+
+Handler = Callable[..., object]
+ROUTES: list[tuple[str, re.Pattern, Handler]] = []
+
+
+def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
+    regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+
+    def register(fn: Handler) -> Handler:
+        ROUTES.append((method, regex, fn))
+        return fn
+
+    return register
+
+
+class Stream:
+    """A streamed reply: chunks of bytes written as they come, then the connection closes."""
+
+    def __init__(self, chunks: Iterator[bytes], content_type: str = "application/octet-stream"):
+        self.chunks = chunks
+        self.content_type = content_type
+
+
+# --- system -------------------------------------------------------------------------------
+
+@route("GET", "/_ping")
+def ping(ctl: Controller, query, body):
+    return "OK"
+
+
+@route("GET", "/version")
+def version(ctl: Controller, query, body):
+    return {"Version": netd.__version__, "ApiVersion": netd.API_VERSION, "Os": "linux"}
+
+
+@route("GET", "/info")
+def info(ctl: Controller, query, body):
+    return ctl.info()
+
+
+# --- networks -----------------------------------------------------------------------------
+
+@route("GET", "/networks")
+def network_list(ctl: Controller, query, body):
+    return [views.network_view(ctl, n, verbose=False) for n in ctl.list_networks()]
+
+
+@route("POST", "/networks/create")
+def network_create(ctl: Controller, query, body):
+    configs = (body.get("IPAM") or {}).get("Config") or []
+    if len(configs) > 1:
+        raise BadRequest("netd supports one IPv4 subnet per network")
+    config = configs[0] if configs else {}
+    network = ctl.create_network(
+        name=_required(body, "Name"),
+        driver=body.get("Driver") or "bridge",
+        subnet=config.get("Subnet"),
+        gateway=config.get("Gateway"),
+        ip_range=config.get("IPRange"),
+        aux_addresses=config.get("AuxiliaryAddresses"),
+        options=body.get("Options"),
+        labels=body.get("Labels"),
+        internal=bool(body.get("Internal")),
+        scope=body.get("Scope") or None,
+    )
+    return 201, {"Id": network.id, "Warning": ctl.network_warning(network)}
+
+
+@route("GET", "/networks/{ref}")
+def network_inspect(ctl: Controller, query, body, ref):
+    return views.network_view(ctl, ctl.get_network(ref))
+
+
+@route("DELETE", "/networks/{ref}")
+def network_remove(ctl: Controller, query, body, ref):
+    ctl.remove_network(ref)
+    return 204, None
+
+
+@route("POST", "/networks/prune")
+def network_prune(ctl: Controller, query, body):
+    return {"NetworksDeleted": ctl.prune_networks()}
+
+
+@route("POST", "/networks/{ref}/connect")
+def network_connect(ctl: Controller, query, body, ref):
+    config = body.get("EndpointConfig") or {}
+    ip = (config.get("IPAMConfig") or {}).get("IPv4Address") or None
+    endpoint = ctl.connect(ref, _required(body, "Container"), ip=ip, aliases=config.get("Aliases") or [])
+    return views.endpoint_view(endpoint)
+
+
+@route("POST", "/networks/{ref}/disconnect")
+def network_disconnect(ctl: Controller, query, body, ref):
+    ctl.disconnect(ref, _required(body, "Container"), force=bool(body.get("Force")))
+    return 204, None
+
+
+# --- containers ---------------------------------------------------------------------------
+
+@route("POST", "/containers/run")
+def container_run(ctl: Controller, query, body):
+    ports = []
+    for spec in body.get("Ports") or []:
+        port, proto = parse_port_proto(f"{spec['ContainerPort']}/{spec.get('Proto', 'tcp')}")
+        ports.append(PortBinding(port, proto, spec.get("HostIp", ""), int(spec.get("HostPort") or 0)))
+    container = ctl.run(
+        cmd=body.get("Cmd") or [],
+        name=body.get("Name") or None,
+        hostname=body.get("Hostname") or None,
+        network=body.get("NetworkMode") or "bridge",
+        ip=body.get("IPv4Address") or None,
+        aliases=body.get("Aliases") or [],
+        ports=ports,
+        publish_all=bool(body.get("PublishAllPorts")),
+        expose=body.get("ExposedPorts") or [],
+        rootfs=body.get("Rootfs") or None,
+        env=body.get("Env") or {},
+        detach=bool(body.get("Detach")),
+        auto_remove=bool(body.get("AutoRemove")),
+        hold_removal=bool(body.get("Attach")),
+    )
+    if not body.get("Attach"):
+        return 201, {"Id": container.id, "Name": container.name}
+    return Stream(_attached_run(ctl, container.id, container.name), "application/x-ndjson")
+
+
+def _attached_run(ctl: Controller, container_id: str, name: str) -> Iterator[bytes]:
+    """A foreground `netd run`: the id, the output as it comes, then the exit code."""
+    try:
+        yield _line({"Id": container_id, "Name": name})
+        for chunk in _follow_log(ctl, container_id):
+            yield _line({"Out": chunk.decode(errors="replace")})
+        container = ctl.wait(container_id)
+        yield _line({"ExitCode": container.exit_code})
+    finally:
+        ctl.release_removal(container_id)  # --rm waits until the output was delivered
+
+
+def _line(obj: dict) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+@route("GET", "/containers/json")
+def container_list(ctl: Controller, query, body):
+    all_states = query.get("all", "0") in ("1", "true")
+    return [views.container_summary(ctl, c) for c in ctl.list_containers(all_states)]
+
+
+@route("GET", "/containers/{ref}/json")
+def container_inspect(ctl: Controller, query, body, ref):
+    return views.container_view(ctl, ctl.get_container(ref))
+
+
+@route("GET", "/containers/{ref}/logs")
+def container_logs(ctl: Controller, query, body, ref):
+    container = ctl.get_container(ref)
+    if query.get("follow", "0") in ("1", "true"):
+        return Stream(_follow_log(ctl, container.id))
+    path = ctl.paths.log_file(container.id)
+    return Stream(iter([_read(path)]))
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def _follow_log(ctl: Controller, container_id: str) -> Iterator[bytes]:
+    path = ctl.paths.log_file(container_id)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, the generator may be long-lived
+    except FileNotFoundError:
+        return
+    with f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                yield chunk
+                continue
+            container = ctl.containers.get(container_id)
+            if container is None or container.state != "running":
+                rest = f.read()
+                if rest:
+                    yield rest
+                return
+            time.sleep(0.02)
+
+
+@route("POST", "/containers/{ref}/wait")
+def container_wait(ctl: Controller, query, body, ref):
+    container = ctl.wait(ref)
+    return {"StatusCode": container.exit_code}
+
+
+@route("POST", "/containers/{ref}/stop")
+def container_stop(ctl: Controller, query, body, ref):
+    ctl.stop(ref, float(query.get("t", 10)))
+    return 204, None
+
+
+@route("DELETE", "/containers/{ref}")
+def container_remove(ctl: Controller, query, body, ref):
+    ctl.remove(ref, force=query.get("force", "0") in ("1", "true"))
+    return 204, None
+
+
+# --- IPAM ---------------------------------------------------------------------------------
+
+@route("GET", "/ipam/pools")
+def ipam_pools(ctl: Controller, query, body):
+    return ctl.ipam_pools()
+
+
+@route("GET", "/ipam/networks/{ref}")
+def ipam_network(ctl: Controller, query, body, ref):
+    return ctl.ipam_allocations(ref)
+
+
+@route("GET", "/ipam/lookup/{address}")
+def ipam_lookup(ctl: Controller, query, body, address):
+    return ctl.ipam_lookup(address)
+
+
+def _required(body: dict, field: str) -> str:
+    value = body.get(field)
+    if not value:
+        raise BadRequest(f"missing {field} in the request")
+    return value
+
+
+# --- the server ---------------------------------------------------------------------------
+
+def dispatch(ctl: Controller, method: str, path: str, query: dict, body: dict) -> tuple[int, object]:
+    for route_method, regex, fn in ROUTES:
+        match = regex.match(path)
+        if match and route_method == method:
+            params = {k: unquote(v) for k, v in match.groupdict().items()}
+            result = fn(ctl, query, body, **params)
+            if isinstance(result, tuple):
+                return result
+            return 200, result
+    raise NotFound(f"no API route {method} {path}")
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ApiServer
+
+    def _handle(self, method: str) -> None:
+        url = urlparse(self.path)
+        path = re.sub(r"^/v[0-9.]+", "", url.path)  # accept Docker-style versioned paths
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw else {}
+            except ValueError:
+                raise BadRequest("the request body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise BadRequest("the request body must be a JSON object")
+            status, result = dispatch(self.server.controller, method, path, query, body)
+        except NetdError as e:
+            status, result = e.status, {"message": e.message}
+        except Exception as e:  # noqa: BLE001 - report, keep serving
+            log.exception("%s %s failed", method, path)
+            status, result = 500, {"message": f"internal error: {e}"}
+        if isinstance(result, Stream):
+            self._send_stream(status, result)
+        else:
+            self._send_json(status, result)
+
+    def _send_json(self, status: int, result: object) -> None:
+        data = b"" if result is None else json.dumps(result).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_stream(self, status: int, stream: Stream) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", stream.content_type)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for chunk in stream.chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away (Ctrl-C on `netd run`): the container keeps running
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._handle("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._handle("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._handle("DELETE")
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        log.debug("api: " + format, *args)
+
+
+class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, controller: Controller, group: str | None = "netd"):
+        self.controller = controller
+        self.path = path
+        if os.path.exists(path):
+            os.unlink(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        old_umask = os.umask(0o117)  # born root-only (rw for owner and group): no window of exposure
+        try:
+            super().__init__(path, RequestHandler)
+        finally:
+            os.umask(old_umask)
+        gid = _group_id(group)
+        if gid is not None:
+            os.chown(path, 0, gid)
+
+    def server_close(self) -> None:
+        super().server_close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _group_id(group: str | None) -> int | None:
+    if not group:
+        return None
+    import grp
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None

@@ -1,0 +1,193 @@
+"""`netd daemon`: settings, stores, firewall, controller and the API socket, in that order.
+
+Stopping the daemon (SIGTERM, Ctrl-C) leaves containers and their networking running, as
+Docker's live-restore does; the next start finds and restores them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+from dataclasses import dataclass
+
+from netd.errors import BadRequest, NetdError
+
+log = logging.getLogger("netd.daemon")
+
+DEFAULT_RUN_DIR = "/run/netd"
+DEFAULT_DATA_DIR = "/var/lib/netd"
+
+
+@dataclass
+class Settings:
+    run_dir: str = DEFAULT_RUN_DIR
+    data_dir: str = DEFAULT_DATA_DIR
+    store: str | None = None
+    cluster_store: str | None = None
+    cluster_advertise: str | None = None
+    host_ttl: float = 15.0
+    debug: bool = False
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.run_dir, "netd.sock")
+
+
+def load_settings(args) -> Settings:
+    """Flags win over /etc/netd/daemon.json (Docker's daemon.json keys), which win over defaults."""
+    settings = Settings()
+    path = getattr(args, "config_file", None)
+    if path and os.path.exists(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise BadRequest(f"cannot read {path}: {e}") from None
+        known = {"run-dir", "data-dir", "store", "cluster-store", "cluster-advertise", "host-ttl", "debug"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadRequest(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        for key, value in data.items():
+            setattr(settings, key.replace("-", "_"), value)
+    for field in ("run_dir", "data_dir", "store", "cluster_store", "cluster_advertise", "host_ttl"):
+        value = getattr(args, field, None)
+        if value is not None:
+            setattr(settings, field, value)
+    settings.debug = settings.debug or bool(getattr(args, "debug", False))
+    if settings.cluster_advertise and not settings.cluster_store:
+        raise BadRequest("--cluster-advertise needs --cluster-store")
+    return settings
+
+
+def host_identity(data_dir: str) -> str:
+    """A stable id for this host, kept in the data dir (survives restarts, not re-installs)."""
+    path = os.path.join(data_dir, "host-id")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        ident = uuid.uuid4().hex
+        with open(path, "w") as f:
+            f.write(ident + "\n")
+        return ident
+
+
+def _lock_run_dir(run_dir: str) -> int:
+    """One daemon per run dir: hold an exclusive lock for the daemon's lifetime."""
+    fd = os.open(os.path.join(run_dir, "netd.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BadRequest(f"another netd daemon is already running with run dir {run_dir}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def run_daemon(args) -> int:
+    try:
+        settings = load_settings(args)
+    except NetdError as e:
+        print(f"netd daemon: {e}", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=logging.DEBUG if settings.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if os.geteuid() != 0:
+        print("netd daemon: must run as root (it creates namespaces, interfaces and firewall rules)", file=sys.stderr)
+        return 1
+    try:
+        daemon = Daemon(settings)
+        daemon.start()
+    except NetdError as e:
+        log.error("%s", e)
+        print(f"netd daemon: {e}", file=sys.stderr)
+        return 1
+    daemon.serve()
+    return 0
+
+
+class Daemon:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.server = None
+        self.controller = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        from kvstore import open_store
+        from netd import netlink
+        from netd.api import ApiServer
+        from netd.controller import Controller, Paths
+        from netd.driverapi import HostInfo
+        from netd.firewall import Firewall
+        from runtime.process import Reaper
+
+        s = self.settings
+        for path in (s.run_dir, s.data_dir):
+            os.makedirs(path, mode=0o711, exist_ok=True)
+        self._lock_fd = _lock_run_dir(s.run_dir)
+        host = HostInfo(id=host_identity(s.data_dir), name=socket.gethostname(), address=s.cluster_advertise or "")
+
+        self.local_store = open_store(s.store or f"sqlite://{os.path.join(s.data_dir, 'netd.db')}")
+        self.cluster_store = open_store(s.cluster_store) if s.cluster_store else None
+
+        self.firewall = Firewall()
+        self.firewall_report = self.firewall.setup()
+        log.info("firewall: %s", self.firewall_report.summary())
+        # Containers reach beyond their bridge only if this namespace routes: Docker does the same.
+        netlink.set_sysctl("net.ipv4.ip_forward", "1")
+
+        reaper = Reaper()
+        reaper.start()
+        self.controller = Controller(
+            Paths(s.run_dir, s.data_dir), host, self.local_store, self.firewall,
+            cluster_store=self.cluster_store, reaper=reaper,
+        )
+        self.controller.info_extra = self.info
+        self.controller.start()
+        self.server = ApiServer(s.socket_path, self.controller)
+        log.info("netd daemon ready on %s (run dir %s, data dir %s)", s.socket_path, s.run_dir, s.data_dir)
+
+    def info(self) -> dict:
+        s = self.settings
+        return {
+            "Socket": s.socket_path,
+            "RunDir": s.run_dir,
+            "DataDir": s.data_dir,
+            "Store": self.local_store.url,
+            "ClusterStore": s.cluster_store or "",
+            "ClusterAdvertise": s.cluster_advertise or "",
+            "Firewall": self.firewall_report.summary(),
+        }
+
+    def serve(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+        try:
+            self.server.serve_forever(poll_interval=0.2)
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        if not self._stopping.is_set():
+            self._stopping.set()
+            threading.Thread(target=self.server.shutdown, daemon=True).start()
+
+    def _shutdown(self) -> None:
+        log.info("netd daemon stopping; containers keep running")
+        self.server.server_close()
+        self.controller.close()
+        self.local_store.close()
+        if self.cluster_store:
+            self.cluster_store.close()

@@ -1,0 +1,103 @@
+"""The contract between the controller and network drivers (libnetwork's driverapi, in small).
+
+A driver owns the data plane of its networks. The controller owns the objects (networks,
+endpoints, containers), their storage and IPAM; it calls the driver at each step of the CNM
+lifecycle: create network -> create endpoint -> join sandbox -> leave -> delete endpoint
+-> delete network. Every call either completes or raises and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from kvstore import KVStore
+from netd.errors import BadRequest
+from netd.model import Endpoint, Network
+
+
+@dataclass
+class HostInfo:
+    id: str                      # stable id of this host (kept in the data dir)
+    name: str                    # hostname
+    address: str = ""            # --cluster-advertise: this host's underlay address
+
+
+@dataclass
+class DriverContext:
+    """What a driver may use. Drivers never reach into the API layer or the controller."""
+
+    host: HostInfo
+    local_store: KVStore
+    cluster_store: KVStore | None
+    firewall: object             # netd.firewall.Firewall
+    run_dir: str
+    lock: threading.RLock        # the controller's lock: hold it when changing shared state from a thread
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("netd.driver"))
+
+
+@dataclass
+class JoinInfo:
+    """What the controller tells a driver when an endpoint joins a sandbox."""
+
+    netns: str                   # the sandbox's network namespace path
+    ifname: str                  # eth0, eth1, ...
+    set_default_route: bool      # this network provides the container's default gateway
+
+
+class Driver(abc.ABC):
+    name: str = ""
+    scope: str = "local"
+    # Options the driver understands (`-o KEY=VALUE`); others are refused with the list.
+    known_options: frozenset[str] = frozenset()
+    has_addresses: bool = True   # whether endpoints get IP addresses (host and null do not)
+    supports_ports: bool = False
+
+    def __init__(self, ctx: DriverContext):
+        self.ctx = ctx
+        self.log = logging.getLogger(f"netd.driver.{self.name}")
+
+    def validate(self, network: Network) -> None:
+        """Check options before anything is made; raise BadRequest on what is wrong."""
+        unknown = sorted(set(network.options) - self.known_options)
+        if unknown:
+            known = ", ".join(sorted(self.known_options)) or "none"
+            raise BadRequest(f"unknown option {unknown[0]!r} for driver {self.name} (it knows: {known})")
+
+    @abc.abstractmethod
+    def create_network(self, network: Network) -> None: ...
+
+    @abc.abstractmethod
+    def delete_network(self, network: Network) -> None: ...
+
+    def create_endpoint(self, network: Network, endpoint: Endpoint) -> None:  # noqa: B027
+        """Decide driver facts of the endpoint (MAC, host interface name); no kernel state yet."""
+
+    def delete_endpoint(self, network: Network, endpoint: Endpoint) -> None:  # noqa: B027
+        pass
+
+    @abc.abstractmethod
+    def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
+        """Plumb the endpoint into the sandbox: interface, address, routes."""
+
+    @abc.abstractmethod
+    def leave(self, network: Network, endpoint: Endpoint) -> None: ...
+
+    def restore(self, network: Network, endpoints: list[Endpoint]) -> None:  # noqa: B027
+        """After a daemon restart: verify or rebuild kernel state for the network and its
+        local endpoints, without disturbing what already works."""
+
+    def publish_ports(self, network: Network, endpoint: Endpoint, ports: list) -> None:
+        raise BadRequest(f"driver {self.name} cannot publish ports")
+
+    def unpublish_ports(self, network: Network, endpoint: Endpoint, ports: list) -> None:  # noqa: B027
+        pass
+
+    def inspect(self, network: Network) -> dict:
+        """Driver facts for `network inspect` (e.g. the bridge name on this host)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027
+        """The daemon is stopping: stop threads, keep kernel state (containers keep running)."""

@@ -1,0 +1,387 @@
+"""IP address management on a key-value store.
+
+One `IPAM` serves one store: the embedded store for local networks, the cluster store for
+global ones, so that every host allocates from the same address space.
+
+Layout (all keys under netd/ipam/):
+  pools/<network-id>           the pool: subnet, gateway, ip-range, aux addresses
+  subnets/<a.b.c.d-len>        reservation of a subnet (create-if-absent: no two networks share one)
+  addresses/<network-id>/<ip>  one key per address in use: endpoint, container, host, since
+
+An address is taken by creating its key only if absent (compare-and-swap, no global lock),
+so two hosts can never both get it. Each host remembers which addresses it has seen taken
+and walks forward from where it last allocated, as Docker does; when it meets contention it
+widens a random window of candidates so that concurrent hosts stop colliding.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from kvstore import KeyExists, KVStore, StoreError
+from netd.errors import BadRequest, Conflict, NotFound
+from netd.model import now
+
+PREFIX = "netd/ipam/"
+POOLS = PREFIX + "pools/"
+SUBNETS = PREFIX + "subnets/"
+ADDRESSES = PREFIX + "addresses/"
+
+# Docker's default address pools: local networks take 172.17-31.0.0/16, then /20s of 192.168/16.
+LOCAL_DEFAULT_POOLS = [IPv4Network(f"172.{i}.0.0/16") for i in range(17, 32)] + list(
+    IPv4Network("192.168.0.0/16").subnets(new_prefix=20)
+)
+# Global networks take /24s of 10.0.0.0/8.
+GLOBAL_DEFAULT_POOL = IPv4Network("10.0.0.0/8")
+GLOBAL_DEFAULT_PREFIX = 24
+
+MAX_WINDOW = 64
+
+
+@dataclass
+class Pool:
+    network_id: str
+    network_name: str
+    subnet: str
+    gateway: str | None
+    ip_range: str | None = None
+    aux_addresses: dict[str, str] = field(default_factory=dict)
+    scope: str = "local"
+
+    @property
+    def net(self) -> IPv4Network:
+        return IPv4Network(self.subnet)
+
+    @property
+    def allocatable(self) -> IPv4Network:
+        return IPv4Network(self.ip_range) if self.ip_range else self.net
+
+    def usable_hosts(self) -> int:
+        return _usable_count(self.allocatable, self.net)
+
+
+@dataclass
+class Allocation:
+    address: str
+    network_id: str
+    kind: str = "endpoint"               # endpoint, gateway, aux
+    endpoint_id: str = ""
+    container: str = ""
+    host: str = ""
+    since: str = field(default_factory=now)
+    name: str = ""                       # aux address name
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def parse_subnet(text: str, what: str = "subnet") -> IPv4Network:
+    try:
+        net = IPv4Network(text, strict=False)
+    except ValueError:
+        raise BadRequest(f"invalid {what} {text!r}: expected an IPv4 CIDR such as 172.20.0.0/16") from None
+    if "/" not in text:
+        raise BadRequest(f"invalid {what} {text!r}: give a prefix length, e.g. {text}/24")
+    if str(net) != text:
+        raise BadRequest(f"invalid {what} {text}: it has host bits set; did you mean {net}?")
+    if net.prefixlen > 30:
+        raise BadRequest(f"{what} {text} is too small: it needs room for a gateway and containers (at most /30)")
+    return net
+
+
+def parse_address(text: str, what: str = "address") -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise BadRequest(f"invalid {what} {text!r}: expected an IPv4 address such as 172.20.0.5") from None
+
+
+def _usable_count(allocatable: IPv4Network, subnet: IPv4Network) -> int:
+    count = allocatable.num_addresses
+    if subnet.network_address in allocatable:
+        count -= 1
+    if subnet.broadcast_address in allocatable:
+        count -= 1
+    return max(count, 0)
+
+
+def _subnet_key(net: IPv4Network) -> str:
+    return SUBNETS + str(net).replace("/", "-")
+
+
+class _PoolCursor:
+    """What this host knows of a pool's addresses, to avoid asking the store for each one."""
+
+    def __init__(self, taken: set[int], first: int, last: int):
+        self.taken = taken
+        self.first = first
+        self.last = last
+        self.next = first
+        self.window = 1
+
+
+class IPAM:
+    def __init__(self, store: KVStore, host: str = "", scope: str = "local"):
+        self.store = store
+        self.host = host
+        self.scope = scope
+        self._lock = threading.Lock()
+        self._cursors: dict[str, _PoolCursor] = {}
+
+    # --- pools ------------------------------------------------------------------------------
+
+    def request_pool(
+        self,
+        network_id: str,
+        network_name: str,
+        subnet: str | None = None,
+        gateway: str | None = None,
+        ip_range: str | None = None,
+        aux_addresses: dict[str, str] | None = None,
+        avoid: Iterable[IPv4Network] = (),
+        default_pools: list[IPv4Network] | None = None,
+        reserve_gateway: bool = True,
+    ) -> Pool:
+        """Reserve a subnet for a network (given, or the first free default) and record its pool.
+
+        `avoid` are subnets that must not be overlapped when choosing a default pool
+        (the host's routes, pools of the other scope).
+        """
+        aux_addresses = dict(aux_addresses or {})
+        avoid = list(avoid)
+        if subnet is None:
+            if gateway or ip_range or aux_addresses:
+                raise BadRequest("--gateway, --ip-range and --aux-address need --subnet")
+            net = None
+        else:
+            net = parse_subnet(subnet)
+        for _attempt in range(64):
+            chosen = net or self._choose_default(avoid, default_pools)
+            pool = self._validated_pool(network_id, network_name, chosen, gateway, ip_range, aux_addresses)
+            try:
+                self._reserve(pool, explicit=net is not None)
+            except KeyExists:
+                if net is not None:
+                    raise self._overlap_error(net) from None
+                continue  # another host took that default pool a moment ago: next one
+            try:
+                self._reserve_fixed_addresses(pool, reserve_gateway)
+            except Exception:
+                self.release_pool(network_id)
+                raise
+            return pool
+        raise Conflict("could not reserve a default address pool: too many concurrent network creations, try again")
+
+    def _validated_pool(self, network_id, network_name, net, gateway, ip_range, aux) -> Pool:
+        gw = None
+        if gateway:
+            gw_addr = parse_address(gateway, "gateway")
+            if gw_addr not in net or gw_addr in (net.network_address, net.broadcast_address):
+                raise BadRequest(f"gateway {gateway} is not a usable address of subnet {net}")
+            gw = str(gw_addr)
+        if ip_range:
+            rng = parse_subnet(ip_range, "ip-range")
+            if not rng.subnet_of(net):
+                raise BadRequest(f"ip-range {ip_range} is not inside subnet {net}")
+        for name, address in aux.items():
+            addr = parse_address(address, f"aux-address {name}")
+            if addr not in net:
+                raise BadRequest(f"aux-address {name}={address} is not inside subnet {net}")
+        if gw is None:
+            gw = str(net.network_address + 1)
+        return Pool(network_id, network_name, str(net), gw, ip_range, aux, self.scope)
+
+    def _choose_default(self, avoid: list[IPv4Network], default_pools) -> IPv4Network:
+        in_use = [IPv4Network(p.subnet) for p in self.pools()] + avoid
+        if default_pools is not None:
+            candidates: Iterable[IPv4Network] = default_pools
+        elif self.scope == "global":
+            candidates = GLOBAL_DEFAULT_POOL.subnets(new_prefix=GLOBAL_DEFAULT_PREFIX)
+        else:
+            candidates = LOCAL_DEFAULT_POOLS
+        for candidate in candidates:
+            if not any(candidate.overlaps(used) for used in in_use):
+                return candidate
+        raise Conflict("all default address pools are in use: give the network a --subnet")
+
+    def _reserve(self, pool: Pool, explicit: bool) -> None:
+        if explicit:
+            for other in self.pools():
+                if IPv4Network(other.subnet).overlaps(pool.net):
+                    raise self._overlap_error(pool.net, other)
+        self.store.create(_subnet_key(pool.net), pool.network_id)
+        try:
+            self.store.create(POOLS + pool.network_id, json.dumps(asdict(pool), sort_keys=True))
+        except Exception:
+            self.store.delete(_subnet_key(pool.net))
+            raise
+
+    def _overlap_error(self, net: IPv4Network, other: Pool | None = None) -> Conflict:
+        if other is None:
+            other = next((p for p in self.pools() if IPv4Network(p.subnet).overlaps(net)), None)
+        holder = f" (network {other.network_name}, {other.subnet})" if other else ""
+        return Conflict(f"subnet {net} overlaps an address pool already in use{holder}")
+
+    def _reserve_fixed_addresses(self, pool: Pool, reserve_gateway: bool) -> None:
+        if reserve_gateway and pool.gateway:
+            self._create_allocation(Allocation(pool.gateway, pool.network_id, kind="gateway", host=self.host))
+        for name, address in pool.aux_addresses.items():
+            self._create_allocation(Allocation(address, pool.network_id, kind="aux", name=name, host=self.host))
+
+    def release_pool(self, network_id: str) -> None:
+        pair = self.store.get(POOLS + network_id)
+        self.store.delete_prefix(f"{ADDRESSES}{network_id}/")
+        if pair is not None:
+            pool = Pool(**json.loads(pair.value))
+            self.store.delete(_subnet_key(pool.net))
+            self.store.delete(pair.key)
+        with self._lock:
+            self._cursors.pop(network_id, None)
+
+    def pool(self, network_id: str) -> Pool:
+        pair = self.store.get(POOLS + network_id)
+        if pair is None:
+            raise NotFound(f"no address pool for network {network_id[:12]}")
+        return Pool(**json.loads(pair.value))
+
+    def pools(self) -> list[Pool]:
+        pairs, _ = self.store.list(POOLS)
+        return [Pool(**json.loads(p.value)) for p in pairs]
+
+    # --- addresses --------------------------------------------------------------------------
+
+    def allocate(self, network_id: str, requested: str | None = None, **owner) -> str:
+        """Take an address for an endpoint; `requested` is a static --ip. Returns the address."""
+        pool = self.pool(network_id)
+        if requested is not None:
+            addr = parse_address(requested, "--ip")
+            net = pool.net
+            if addr not in net or addr in (net.network_address, net.broadcast_address):
+                raise BadRequest(f"address {requested} is not a usable address of subnet {net} (network {pool.network_name})")
+            try:
+                self._create_allocation(Allocation(str(addr), network_id, host=self.host, **owner))
+            except KeyExists:
+                raise Conflict(f"address {requested} is already in use on network {pool.network_name}{self._holder(network_id, addr)}") from None
+            self._mark_taken(network_id, int(addr))
+            return str(addr)
+        return self._allocate_next(pool, owner)
+
+    def _allocate_next(self, pool: Pool, owner: dict) -> str:
+        refresh = False
+        for _pass in range(2):  # the second pass re-reads the store: others may have released
+            while True:
+                with self._lock:
+                    cursor = self._cursor(pool, refresh)
+                    refresh = False
+                    candidate = self._pick(cursor)
+                if candidate is None:
+                    break
+                address = str(IPv4Address(candidate))
+                try:
+                    self._create_allocation(Allocation(address, pool.network_id, host=self.host, **owner))
+                except KeyExists:
+                    with self._lock:  # another host was faster: remember, and spread out
+                        cursor.taken.add(candidate)
+                        cursor.window = min(cursor.window * 2, MAX_WINDOW)
+                    continue
+                with self._lock:
+                    cursor.taken.add(candidate)
+                    cursor.next = candidate + 1
+                    cursor.window = max(1, cursor.window // 2)
+                return address
+            refresh = True
+        raise Conflict(
+            f"no free address left in {pool.ip_range or pool.subnet} (network {pool.network_name}): the pool is exhausted"
+        )
+
+    def _cursor(self, pool: Pool, refresh: bool) -> _PoolCursor:
+        cursor = self._cursors.get(pool.network_id)
+        if cursor is None or refresh:
+            pairs, _ = self.store.list(f"{ADDRESSES}{pool.network_id}/")
+            taken = {int(IPv4Address(p.key.rsplit("/", 1)[1])) for p in pairs}
+            rng, net = pool.allocatable, pool.net
+            first = max(int(rng.network_address), int(net.network_address) + 1)
+            last = min(int(rng.broadcast_address), int(net.broadcast_address) - 1)
+            fresh = _PoolCursor(taken, first, last)
+            if cursor is not None:
+                fresh.next = cursor.next
+            cursor = self._cursors[pool.network_id] = fresh
+        return cursor
+
+    @staticmethod
+    def _pick(cursor: _PoolCursor) -> int | None:
+        """The next free address from the cursor (wrapping once), or one of the next
+        `window` free ones at random when other hosts are allocating at the same time."""
+        size = cursor.last - cursor.first + 1
+        if size <= 0:
+            return None
+        free: list[int] = []
+        start = min(max(cursor.next, cursor.first), cursor.last + 1)
+        for offset in range(size):
+            candidate = cursor.first + (start - cursor.first + offset) % size
+            if candidate not in cursor.taken:
+                free.append(candidate)
+                if len(free) >= cursor.window:
+                    break
+        if not free:
+            return None
+        return free[0] if cursor.window == 1 else random.choice(free)
+
+    def _mark_taken(self, network_id: str, address: int) -> None:
+        with self._lock:
+            cursor = self._cursors.get(network_id)
+            if cursor is not None:
+                cursor.taken.add(address)
+
+    def _create_allocation(self, allocation: Allocation) -> None:
+        self.store.create(f"{ADDRESSES}{allocation.network_id}/{allocation.address}", allocation.to_json())
+
+    def _holder(self, network_id: str, addr: IPv4Address) -> str:
+        try:
+            pair = self.store.get(f"{ADDRESSES}{network_id}/{addr}")
+        except StoreError:
+            return ""
+        if pair is None:
+            return ""
+        held = json.loads(pair.value)
+        if held.get("kind") == "gateway":
+            return " (it is the gateway)"
+        if held.get("kind") == "aux":
+            return f" (it is the auxiliary address {held.get('name')})"
+        who = held.get("container") or held.get("endpoint_id", "")[:12]
+        return f" (by {who} on host {held.get('host')})" if held.get("host") else f" (by {who})"
+
+    def release(self, network_id: str, address: str) -> None:
+        self.store.delete(f"{ADDRESSES}{network_id}/{address}")
+        with self._lock:
+            cursor = self._cursors.get(network_id)
+            if cursor is not None:
+                cursor.taken.discard(int(IPv4Address(address)))
+
+    def allocations(self, network_id: str) -> list[Allocation]:
+        pairs, _ = self.store.list(f"{ADDRESSES}{network_id}/")
+        allocations = [Allocation(**json.loads(p.value)) for p in pairs]
+        return sorted(allocations, key=lambda a: int(IPv4Address(a.address)))
+
+    def lookup(self, address: str) -> list[tuple[Pool, Allocation | None]]:
+        """Every pool holding `address`, with its allocation (None: in the pool, but free)."""
+        addr = parse_address(address)
+        found = []
+        for pool in self.pools():
+            if addr in pool.net:
+                pair = self.store.get(f"{ADDRESSES}{pool.network_id}/{addr}")
+                found.append((pool, Allocation(**json.loads(pair.value)) if pair else None))
+        return found
+
+    def usage(self, pool: Pool) -> tuple[int, int]:
+        """(size, used) of a pool, counting only addresses containers can get."""
+        pairs, _ = self.store.list(f"{ADDRESSES}{pool.network_id}/")
+        allocatable = pool.allocatable
+        used = sum(1 for p in pairs if ipaddress.IPv4Address(p.key.rsplit("/", 1)[1]) in allocatable)
+        return pool.usable_hosts(), used
