@@ -114,6 +114,12 @@ def create_veth_into_netns(
         os.close(fd)
 
 
+def set_hairpin(ipr: IPRoute, ifname: str) -> None:
+    """Let a bridge port send frames back out the way they came: a container reaching its own
+    published port through the host is DNATed back to itself (Docker sets this too)."""
+    ipr.brport("set", index=link_index(ipr, ifname), mode=1)
+
+
 def configure_container_interface(
     netns: str, ifname: str, address: str | None, gateway: str | None, mtu: int | None = None
 ) -> None:

@@ -152,3 +152,21 @@ def open_in_netns(path: str | None, factory: Callable[[], T]) -> T:
     """
     with entered_netns(path):
         return factory()
+
+
+def pids_in_netns(paths: list[str]) -> list[int]:
+    """Processes whose network namespace is one of `paths` (pinned files or /proc/PID/ns/net).
+
+    Used to clean up after a crash: whatever still runs in a test's or a lab's namespaces.
+    """
+    inodes = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            inodes.add(os.stat(path).st_ino)
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                    found.append(int(entry))
+    return found

@@ -126,6 +126,7 @@ class BridgeDriver(Driver):
                 ipr, endpoint.host_ifname, info.netns, info.ifname, bridge, endpoint.mac, self._mtu(network)
             )
             try:
+                netlink.set_hairpin(ipr, endpoint.host_ifname)
                 gateway = network.ipam.gateway if info.set_default_route and not network.internal else None
                 netlink.configure_container_interface(info.netns, info.ifname, endpoint.ipv4, gateway)
                 endpoint.gateway = gateway or ""

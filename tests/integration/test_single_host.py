@@ -174,6 +174,7 @@ def test_published_port_from_outside_from_the_host_and_from_another_container(ho
         assert host.sh(f"curl -s --max-time 5 {url}").stdout == "hello from netd\n"
         assert host.sh("curl -s --max-time 5 http://127.0.0.1:8080/").stdout == "hello from netd\n"
         assert host.netd("exec", client, "curl", "-s", "--max-time", "5", url) == "hello from netd"
+        assert host.netd("exec", web, "curl", "-s", "--max-time", "5", url) == "hello from netd", "hairpin"
         message = host.fails("run", "-d", "--network", net, "-p", "8080:80", "sleep", "1")
         assert "port 8080/tcp is already published by container " + web in message
     finally:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from runtime.namespaces import delete_netns
+from runtime.namespaces import delete_netns, pids_in_netns
 
 PYTHON = sys.executable
 UPLINK_HOST = "203.0.113.2"      # the host's address on its uplink (TEST-NET-3)
@@ -173,16 +173,10 @@ class NetdHost:
 
     def _kill_container_processes(self) -> None:
         """Whatever still runs in this host's namespaces: left by a crash or a failed test."""
-        inodes = set()
-        for path in [f"/run/netns/{self.name}"] + _netns_files(os.path.join(self.run_dir, "netns")):
+        paths = [f"/run/netns/{self.name}"] + _netns_files(os.path.join(self.run_dir, "netns"))
+        for pid in pids_in_netns(paths):
             with contextlib.suppress(OSError):
-                inodes.add(os.stat(path).st_ino)
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                if os.stat(f"/proc/{pid}/ns/net").st_ino in inodes:
-                    os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
 
 
 def _netns_files(directory: str) -> list[str]:

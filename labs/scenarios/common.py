@@ -1,0 +1,42 @@
+"""Steps shared by scenarios: containers on hosts, and every-pair connectivity checks."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from labs.lab import Lab
+from labs.report import Report, run_parallel
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(2)}"
+
+
+def container_address(lab: Lab, host: str, container: str, network: str) -> str:
+    info = json.loads(lab.netd(host, "inspect", container))[0]
+    return info["NetworkSettings"]["Networks"][network]["IPAddress"]
+
+
+def pings(lab: Lab, host: str, container: str, target: str, count: int = 1) -> tuple[bool, str]:
+    result = lab.try_netd(host, "exec", container, "ping", "-c", str(count), "-W", "2", target)
+    last = (result.stdout.strip().splitlines() or [result.stderr.strip()])[-1]
+    return result.returncode == 0, last
+
+
+def check_all_pairs(lab: Lab, report: Report, scenario: str, containers: dict[str, tuple[str, str]],
+                    by_name: bool = True) -> None:
+    """Every container pings every other, by address and (on user networks) by name.
+
+    `containers`: name -> (host, address)."""
+    tasks, labels = [], []
+    for src, (src_host, _) in containers.items():
+        for dst, (_, dst_address) in containers.items():
+            if src == dst:
+                continue
+            targets = [("ping by address", dst_address)] + ([("ping by name", dst)] if by_name else [])
+            for what, target in targets:
+                tasks.append(lambda h=src_host, s=src, t=target: pings(lab, h, s, t))
+                labels.append((what, src, dst))
+    for (what, src, dst), (ok, detail) in zip(labels, run_parallel(tasks), strict=True):
+        report.add(scenario, what, src, dst, ok, detail)
