@@ -4,8 +4,8 @@ what lab each needs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from labs.lab import Lab
 from labs.report import Report
