@@ -48,6 +48,7 @@ from kvstore import (
     VersionConflict,
     Watch,
     check_ops,
+    describe_failure,
 )
 
 CONNECT_TIMEOUT = 2.0
@@ -261,7 +262,7 @@ class _ConsulWatch(Watch):
         except (OSError, http.client.HTTPException, ValueError) as error:
             if not self._stream.aborted:
                 raise StoreError(f"lost the watch on Consul at {self._store.host}:{self._store.port}: "
-                                 f"{error or type(error).__name__}") from None
+                                 f"{describe_failure(error)}") from None
         finally:
             self._stream.close()
 

@@ -39,6 +39,7 @@ from kvstore import (
     VersionConflict,
     Watch,
     check_ops,
+    describe_failure,
 )
 
 CONNECT_TIMEOUT = 2.0
@@ -203,7 +204,7 @@ class _EtcdWatch(Watch):
                     yield from self._events(json.loads(line), where)
         except (OSError, http.client.HTTPException) as error:
             if not self._stream.aborted:
-                raise StoreError(f"lost the watch on {where}: {error}") from None
+                raise StoreError(f"lost the watch on {where}: {describe_failure(error)}") from None
         except ValueError:
             raise StoreError(f"{where} sent a malformed watch message") from None
         finally:
