@@ -53,11 +53,11 @@ from kvstore import (
 
 CONNECT_TIMEOUT = 2.0
 WATCH_WAIT = 30             # seconds a blocking query may wait for a change
-REMEMBERED_LISTINGS = 32    # listings kept for watches to resume from
+REMEMBERED_LISTINGS = 8     # listings kept for watches to resume from (each a whole prefix)
 
 
 class ConsulStore(KVStore):
-    # Consul takes 64 ops per txn (128 since 1.x), and a leased write takes two.
+    # /v1/txn takes 64 ops (128 in recent Consul versions), and a leased write takes two.
     max_commit_ops = 32
 
     def __init__(self, host: str, port: int, timeout: float = 5.0, min_session_ttl: float = 10.0):

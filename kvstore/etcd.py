@@ -61,12 +61,13 @@ class EtcdStore(KVStore):
         try:
             reply = self._http.get("/version", timeout=CONNECT_TIMEOUT)
             version = reply.json()["etcdserver"]
+            major_minor = tuple(int(part) for part in version.split(".")[:2])
         except requests.RequestException as error:
             raise StoreError(f"cannot reach etcd at {self.host}:{self.port}: {error}") from None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise StoreError(f"{self.host}:{self.port} answers, but is not etcd "
                              f"(GET /version: HTTP {reply.status_code})") from None
-        if tuple(int(part) for part in version.split(".")[:2]) < (3, 4):
+        if major_minor < (3, 4):
             raise StoreError(f"etcd at {self.host}:{self.port} is version {version}; netd needs 3.4 or later")
 
     # --- reads ------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def _raise_failed_compare(guarded: list[Op], responses: list[dict[str, Any]]) ->
                 raise KeyExists(op.key)
         elif current != op.version:
             raise VersionConflict(op.key)
-    # Every compare holds again now: someone changed a key and changed it back, in between.
+    # Not reached: the reads run in the same txn, at the same revision, as the compares.
     first = guarded[0]
     raise KeyExists(first.key) if isinstance(first, Create) else VersionConflict(first.key)
 

@@ -86,8 +86,8 @@ class Mirror:
                 else:
                     self.store.revision()   # is the store back? then resume where we left off
                 self.connected = True
-                self._follow()
                 delay = self.retry_delay
+                self._follow()
             except Compacted:
                 log.info("mirror of %s: history compacted, listing again", self.prefix)
                 must_list = True
@@ -95,7 +95,7 @@ class Mirror:
                 self.connected = False
                 if self._stopping.is_set():
                     break
-                log.warning("mirror of %s: %s; retrying in %.1fs", self.prefix, error, delay)
+                log.warning("mirror of %s: %s; retrying in %.2fs", self.prefix, error, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self.max_retry_delay)
         self.connected = False

@@ -101,8 +101,8 @@ class FakeConsul:
         with self._state:
             self._serving = True
             now = time.monotonic()
-            for session_id, session in self._sessions.items():
-                self._deadlines[session_id] = now + 2 * session["ttl"]
+            for session_id in self._deadlines:
+                self._deadlines[session_id] = now + 2 * self._sessions[session_id]["ttl"]
             self._state.notify_all()
         threading.Thread(target=self._server.serve_forever, name="fake-consul", daemon=True).start()
         return self
@@ -117,7 +117,9 @@ class FakeConsul:
         self._server.shutdown()
         self._server.server_close()
         self._server = None
-        for connection in list(self._connections):
+        with self._state:
+            connections = list(self._connections)
+        for connection in connections:
             try:
                 connection.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -369,10 +371,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.consul._connections.add(self.connection)
+        with self.consul._state:
+            self.consul._connections.add(self.connection)
 
     def finish(self) -> None:
-        self.consul._connections.discard(self.connection)
+        with self.consul._state:
+            self.consul._connections.discard(self.connection)
         super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
