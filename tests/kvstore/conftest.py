@@ -11,6 +11,7 @@ Each test works under a prefix of its own, so tests can share a server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -21,7 +22,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from kvstore import Event, KVStore, Watch, open_store
+from kvstore import Event, KVStore, StoreError, Watch, open_store
 from kvstore.embedded import EmbeddedStore
 from tests.support.etcd_server import EtcdServer
 from tests.support.fake_consul import FakeConsul
@@ -55,6 +56,9 @@ class Backend:
         # Consul keeps no history at all: nothing to do.
 
     def close(self) -> None:
+        """Remove what the test wrote (a real Consul agent outlives the suite), then disconnect."""
+        with contextlib.suppress(StoreError):
+            self.store.delete_prefix(self.prefix)
         for store in [*self.clients, self.store]:
             store.close()
 
