@@ -277,6 +277,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     server: ApiServer
 
     def _handle(self, method: str) -> None:
+        started = time.perf_counter()
         url = urlparse(self.path)
         path = re.sub(r"^/v[0-9.]+", "", url.path)  # accept Docker-style versioned paths
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -299,6 +300,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._send_stream(status, result)
         else:
             self._send_json(status, result)
+        log.debug("%s %s -> %d in %.2f ms", method, path, status, (time.perf_counter() - started) * 1000)
 
     def _send_json(self, status: int, result: object) -> None:
         data = b"" if result is None else json.dumps(result).encode()

@@ -40,6 +40,7 @@ from netd.model import (
     now,
 )
 from netd.names import random_name
+from netd.rtnl import Rtnl
 from netd.undo import Undo
 from runtime import etcfiles, namespaces, process
 
@@ -93,7 +94,7 @@ class Controller:
         self.lock = threading.RLock()
         self.reaper = reaper or process.Reaper()
         self.host_resolv_conf = etcfiles.read_resolv_conf(resolv_conf)
-        self.resolver = Resolver(self.resolve_name, resolv_conf)
+        self.resolver = Resolver(self.resolve_name, self.resolve_address, resolv_conf)
         self.ipam = {LOCAL: IPAM(local_store, host.name, LOCAL)}
         if cluster_store is not None:
             self.ipam[GLOBAL] = IPAM(cluster_store, host.address or host.name, GLOBAL)
@@ -691,7 +692,7 @@ class Controller:
         if container.ports and impl.supports_ports:
             with contextlib.suppress(Exception):
                 impl.unpublish_ports(network, endpoint, container.ports)
-        impl.leave(network, endpoint)
+        impl.leave(network, endpoint, sandbox_gone=exiting)
         impl.delete_endpoint(network, endpoint)
         if endpoint.address:
             self.ipam[network.scope].release(network.id, endpoint.address)
@@ -707,7 +708,8 @@ class Controller:
         for endpoint in self._container_endpoints(container):
             network = self.networks.get(endpoint.network_id)
             if network and network.ipam and network.ipam.gateway and not network.internal:
-                netlink.configure_container_interface(container.netns, endpoint.ifname, None, network.ipam.gateway)
+                with Rtnl(container.netns) as inside:
+                    inside.replace_default_route(network.ipam.gateway, inside.link_index(endpoint.ifname))
                 endpoint.gateway = network.ipam.gateway
                 self._store(network.scope).put(f"{ENDPOINTS}{network.id}/{endpoint.id}", endpoint.to_json())
                 return
@@ -787,19 +789,23 @@ class Controller:
 
     # --- name resolution --------------------------------------------------------------------
 
+    def _resolvable_networks(self, asker: Container) -> list[Network]:
+        """Networks whose names the container sees: its user-defined ones (as Docker)."""
+        networks = [self.networks[e.network_id] for e in self._container_endpoints(asker)
+                    if e.network_id in self.networks]
+        return [n for n in networks if not n.builtin and n.ipam]
+
     def resolve_name(self, container_id: str, name: str) -> list[str] | None:
         """Addresses of `name` as seen by container_id (None: not a name netd knows).
 
-        Names resolve on user-defined networks only, as in Docker; `name.network` picks
-        one network. A name may be a container name, an alias or a short container id.
+        A name may be a container name, an alias or a short container id; `name.network`
+        picks one network.
         """
         with self.lock:
             asker = self.containers.get(container_id)
             if asker is None:
                 return None
-            networks = [self.networks[e.network_id] for e in self._container_endpoints(asker)
-                        if e.network_id in self.networks]
-            networks = [n for n in networks if not n.builtin and n.ipam]
+            networks = self._resolvable_networks(asker)
             wanted, only = name, None
             for network in networks:
                 suffix = "." + network.name.lower()
@@ -815,6 +821,19 @@ class Controller:
                     if wanted in names and endpoint.address and endpoint.address not in found:
                         found.append(endpoint.address)
             return found or None
+
+    def resolve_address(self, container_id: str, address: str) -> str | None:
+        """The name of the container holding `address` on one of the asker's networks, as
+        `name.network` (Docker's PTR answer)."""
+        with self.lock:
+            asker = self.containers.get(container_id)
+            if asker is None:
+                return None
+            for network in self._resolvable_networks(asker):
+                for endpoint in self.network_endpoints(network):
+                    if endpoint.address == address:
+                        return f"{endpoint.container_name}.{network.name}"
+            return None
 
     # --- information ------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from runtime.namespaces import open_in_netns
 
 log = logging.getLogger("netd.dns")
 
-TYPE_A, TYPE_AAAA = 1, 28
+TYPE_A, TYPE_PTR, TYPE_AAAA = 1, 12, 28
 CLASS_IN = 1
 RCODE_SERVFAIL, RCODE_NXDOMAIN = 2, 3
 ANSWER_TTL = 10          # short: containers come and go
@@ -31,6 +31,8 @@ FORWARD_TIMEOUT = 2.0
 
 # (container id, name) -> addresses, or None when netd does not know the name
 Lookup = Callable[[str, str], list[str] | None]
+# (container id, address) -> the name netd knows for it ("web.mynet"), or None
+ReverseLookup = Callable[[str, str], str | None]
 
 
 def parse_question(packet: bytes) -> tuple[int, int, str, int, int]:
@@ -58,19 +60,32 @@ def parse_question(packet: bytes) -> tuple[int, int, str, int, int]:
     return ident, flags, ".".join(labels), qtype, offset + 4
 
 
-def build_reply(query: bytes, question_end: int, addresses: list[str], rcode: int = 0) -> bytes:
+def build_reply(query: bytes, question_end: int, addresses: list[str], rcode: int = 0,
+                ptr_name: str | None = None) -> bytes:
+    """A reply to `query` with A records for `addresses`, or one PTR record for `ptr_name`."""
     ident, flags = struct.unpack("!HH", query[:4])
     reply_flags = 0x8000 | (flags & 0x7900) | 0x0080 | rcode   # QR, opcode+RD kept, RA
-    answers = b"".join(
-        struct.pack("!HHHIH", 0xC00C, TYPE_A, CLASS_IN, ANSWER_TTL, 4) + socket.inet_aton(a) for a in addresses
-    )
-    header = struct.pack("!HHHHHH", ident, reply_flags, 1, len(addresses), 0, 0)
-    return header + query[12:question_end] + answers
+    answers = [struct.pack("!HHHIH", 0xC00C, TYPE_A, CLASS_IN, ANSWER_TTL, 4) + socket.inet_aton(a)
+               for a in addresses]
+    if ptr_name:
+        encoded = b"".join(bytes([len(label)]) + label.encode() for label in ptr_name.split(".") if label) + b"\0"
+        answers.append(struct.pack("!HHHIH", 0xC00C, TYPE_PTR, CLASS_IN, ANSWER_TTL, len(encoded)) + encoded)
+    header = struct.pack("!HHHHHH", ident, reply_flags, 1, len(answers), 0, 0)
+    return header + query[12:question_end] + b"".join(answers)
+
+
+def reverse_address(qname: str) -> str | None:
+    """"4.3.2.1.in-addr.arpa" -> "1.2.3.4"; None for anything else."""
+    labels = qname.rstrip(".").lower().split(".")
+    if len(labels) != 6 or labels[4:] != ["in-addr", "arpa"] or not all(p.isdigit() for p in labels[:4]):
+        return None
+    return ".".join(reversed(labels[:4]))
 
 
 class Resolver:
-    def __init__(self, lookup: Lookup, resolv_conf: str = "/etc/resolv.conf"):
+    def __init__(self, lookup: Lookup, reverse: ReverseLookup, resolv_conf: str = "/etc/resolv.conf"):
         self.lookup = lookup
+        self.reverse = reverse
         self.upstreams = [ns for ns in read_resolv_conf(resolv_conf).nameservers if ns != EMBEDDED_DNS]
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
@@ -132,16 +147,20 @@ class Resolver:
     def _serve(self) -> None:
         while not self._stopped:
             for key, _ in self._selector.select(timeout=0.5):
-                try:
-                    if key.data is None:
-                        self._drain_wake()
-                    elif key.data[0] == "client":
-                        self._on_query(key.fileobj, key.data[1])
-                    else:
-                        self._on_upstream_reply(key.fileobj)
-                except Exception:  # noqa: BLE001 - one bad packet must not stop the resolver
-                    log.exception("dns: failed to handle a packet")
-            self._expire_forwards()
+                if key.data is None:
+                    self._drain_wake()
+                elif key.data[0] == "client":
+                    self._guarded(self._on_query, key.fileobj, key.data[1])
+                else:
+                    self._guarded(self._on_upstream_reply, key.fileobj)
+            self._guarded(self._expire_forwards)
+
+    @staticmethod
+    def _guarded(action, *args) -> None:
+        try:
+            action(*args)
+        except Exception:  # noqa: BLE001 - one bad packet or gone container must not stop the resolver
+            log.exception("dns: %s failed", getattr(action, "__name__", action))
 
     def _drain_wake(self) -> None:
         try:
@@ -151,7 +170,7 @@ class Resolver:
         with self._lock:
             pending, self._pending = self._pending, []
         for action in pending:
-            action()
+            self._guarded(action)
 
     def _on_query(self, sock: socket.socket, container_id: str) -> None:
         try:
@@ -162,16 +181,22 @@ class Resolver:
             _ident, _flags, qname, qtype, end = parse_question(query)
         except ValueError:
             return
-        addresses = self.lookup(container_id, qname.rstrip(".").lower())
-        if addresses is not None:
-            records = addresses if qtype == TYPE_A else []   # known name: no AAAA, but not an error
-            sock.sendto(build_reply(query, end, records), addr)
-            return
+        if qtype == TYPE_PTR and (address := reverse_address(qname)):
+            name = self.reverse(container_id, address)
+            if name:
+                _send(sock, build_reply(query, end, [], ptr_name=name), addr)
+                return
+        else:
+            addresses = self.lookup(container_id, qname.rstrip(".").lower())
+            if addresses is not None:
+                records = addresses if qtype == TYPE_A else []   # known name: no AAAA, but not an error
+                _send(sock, build_reply(query, end, records), addr)
+                return
         self._forward(sock, addr, query, end, 0)
 
     def _forward(self, client: socket.socket, addr, query: bytes, end: int, index: int) -> None:
         if index >= len(self.upstreams):
-            client.sendto(build_reply(query, end, [], RCODE_SERVFAIL), addr)
+            _send(client, build_reply(query, end, [], RCODE_SERVFAIL), addr)
             return
         upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         upstream.setblocking(False)
@@ -195,10 +220,7 @@ class Resolver:
             self._forward(client, addr, query, end, index + 1)
             return
         upstream.close()
-        try:
-            client.sendto(reply, addr)
-        except OSError:
-            pass  # the container went away meanwhile
+        _send(client, reply, addr)
 
     def _expire_forwards(self) -> None:
         now = time.monotonic()
@@ -208,3 +230,10 @@ class Resolver:
                 self._selector.unregister(upstream)
                 upstream.close()
                 self._forward(client, addr, query, end, index + 1)
+
+
+def _send(sock: socket.socket, data: bytes, addr) -> None:
+    try:
+        sock.sendto(data, addr)
+    except OSError:
+        pass  # the container went away meanwhile (its socket is closed): nobody to answer

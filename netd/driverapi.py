@@ -83,7 +83,9 @@ class Driver(abc.ABC):
         """Plumb the endpoint into the sandbox: interface, address, routes."""
 
     @abc.abstractmethod
-    def leave(self, network: Network, endpoint: Endpoint) -> None: ...
+    def leave(self, network: Network, endpoint: Endpoint, sandbox_gone: bool = False) -> None:
+        """Undo join. `sandbox_gone`: the container's namespace is being deleted (it exited),
+        so whatever was inside it goes with it."""
 
     def restore(self, network: Network, endpoints: list[Endpoint]) -> None:  # noqa: B027
         """After a daemon restart: verify or rebuild kernel state for the network and its

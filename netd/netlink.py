@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import secrets
 from collections.abc import Iterator
 
@@ -87,54 +86,6 @@ def delete_link(ipr: IPRoute, ifname: str) -> bool:
         if e.code != errno.ENODEV:
             raise
     return True
-
-
-def create_veth_into_netns(
-    ipr: IPRoute,
-    host_ifname: str,
-    netns: str,
-    peer_ifname: str,
-    master: int | None,
-    mac: str,
-    mtu: int | None = None,
-) -> None:
-    """A veth pair in one netlink message: the host end enslaved to `master` and up, the
-    other end created directly inside the container's namespace with its final name."""
-    fd = os.open(netns, os.O_RDONLY)
-    try:
-        peer = {"ifname": peer_ifname, "net_ns_fd": fd, "address": mac}
-        kwargs = {}
-        if mtu:
-            peer["mtu"] = mtu
-            kwargs["mtu"] = mtu
-        if master is not None:
-            kwargs["master"] = master
-        ipr.link("add", ifname=host_ifname, kind="veth", peer=peer, state="up", **kwargs)
-    finally:
-        os.close(fd)
-
-
-def set_hairpin(ipr: IPRoute, ifname: str) -> None:
-    """Let a bridge port send frames back out the way they came: a container reaching its own
-    published port through the host is DNATed back to itself (Docker sets this too)."""
-    ipr.brport("set", index=link_index(ipr, ifname), mode=1)
-
-
-def configure_container_interface(
-    netns: str, ifname: str, address: str | None, gateway: str | None, mtu: int | None = None
-) -> None:
-    """Inside the container: put the address on the interface, bring it up, and add the
-    default route via `gateway` if given."""
-    with netns_socket(netns) as ipr:
-        index = link_index(ipr, ifname)
-        if index is None:
-            raise OSError(errno.ENODEV, f"interface {ifname} did not appear in the container")
-        if address:
-            ip, prefix = address.split("/")
-            ipr.addr("add", index=index, address=ip, prefixlen=int(prefix))
-        ipr.link("set", index=index, state="up")
-        if gateway:
-            ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index)
 
 
 def host_routes() -> list[str]:

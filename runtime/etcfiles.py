@@ -69,7 +69,8 @@ def write_in_place(path: str, content: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         data = content.encode()
-        os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
+        if os.fstat(fd).st_size > len(data):   # truncating costs a journal write: only when shrinking
+            os.ftruncate(fd, len(data))
     finally:
         os.close(fd)

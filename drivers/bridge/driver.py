@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 
 from netd import netlink
 from netd.driverapi import Driver, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.model import Endpoint, Network, PortBinding
+from netd.rtnl import LinkRetirer, Rtnl
 
 OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
 OPT_MTU = "com.docker.network.driver.mtu"
@@ -36,6 +38,21 @@ class BridgeDriver(Driver):
     name = "bridge"
     known_options = frozenset({OPT_BRIDGE_NAME, OPT_MTU, OPT_MASQUERADE, OPT_HOST_BINDING})
     supports_ports = True
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._bridge_indexes: dict[str, int] = {}   # network id -> ifindex of its bridge here
+        self._retirer: LinkRetirer | None = None
+
+    @property
+    def retirer(self) -> LinkRetirer:
+        if self._retirer is None:
+            self._retirer = LinkRetirer()
+        return self._retirer
+
+    def close(self) -> None:
+        if self._retirer is not None:
+            self._retirer.stop()
 
     # --- network ----------------------------------------------------------------------------
 
@@ -80,13 +97,14 @@ class BridgeDriver(Driver):
         if network.ipam and network.ipam.gateway:
             prefix = network.ipam.subnet.split("/")[1]
             address = f"{network.ipam.gateway}/{prefix}"
-        netlink.ensure_bridge(ipr, bridge, address, self._mtu(network))
+        self._bridge_indexes[network.id] = netlink.ensure_bridge(ipr, bridge, address, self._mtu(network))
         self.ctx.firewall.add_network(
             network.id, bridge, network.ipam.subnet if network.ipam else "",
             internal=network.internal, masquerade=self._masquerade(network),
         )
 
     def _remove(self, ipr, network: Network) -> None:
+        self._bridge_indexes.pop(network.id, None)
         with contextlib.suppress(Exception):
             self.ctx.firewall.remove_network(network.id)
         netlink.delete_link(ipr, network.driver_state.get("bridge") or self.bridge_name(network))
@@ -118,25 +136,61 @@ class BridgeDriver(Driver):
             endpoint.mac = netlink.mac_from_ip(endpoint.address) if endpoint.address else netlink.random_mac()
 
     def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
-        with netlink.netns_socket(None) as ipr:
-            bridge = netlink.link_index(ipr, network.driver_state["bridge"])
-            if bridge is None:
-                raise OSError(errno.ENODEV, f"bridge {network.driver_state['bridge']} of network {network.name} is missing")
-            netlink.create_veth_into_netns(
-                ipr, endpoint.host_ifname, info.netns, info.ifname, bridge, endpoint.mac, self._mtu(network)
-            )
+        """The hot path of `network connect`: raw rtnetlink (netd.rtnl), six small requests."""
+        gateway = network.ipam.gateway if info.set_default_route and not network.internal else None
+        address, prefix = endpoint.ipv4.split("/")
+        with Rtnl() as host:
+            fd = os.open(info.netns, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                netlink.set_hairpin(ipr, endpoint.host_ifname)
-                gateway = network.ipam.gateway if info.set_default_route and not network.internal else None
-                netlink.configure_container_interface(info.netns, info.ifname, endpoint.ipv4, gateway)
+                self._create_veth(host, network, endpoint, info, fd)
+            finally:
+                os.close(fd)
+            try:
+                host.set_hairpin(host.link_index(endpoint.host_ifname))
+                with Rtnl(info.netns) as inside:
+                    index = inside.link_index(info.ifname)
+                    inside.add_address(index, address, int(prefix))
+                    inside.set_link(index, up=True)
+                    if gateway:
+                        inside.replace_default_route(gateway, index)
                 endpoint.gateway = gateway or ""
             except Exception:
-                netlink.delete_link(ipr, endpoint.host_ifname)
+                self._retire(host, endpoint)
                 raise
 
-    def leave(self, network: Network, endpoint: Endpoint) -> None:
-        with netlink.netns_socket(None) as ipr:
-            netlink.delete_link(ipr, endpoint.host_ifname)
+    def _create_veth(self, host: Rtnl, network: Network, endpoint: Endpoint, info: JoinInfo, fd: int) -> None:
+        bridge = self._bridge_indexes.get(network.id) or host.link_index(network.driver_state["bridge"])
+        if bridge is None:
+            raise OSError(errno.ENODEV, f"bridge {network.driver_state['bridge']} of network {network.name} is missing")
+        try:
+            host.create_veth(endpoint.host_ifname, info.ifname, fd, endpoint.mac, bridge, self._mtu(network))
+        except OSError as e:
+            if e.errno not in (errno.ENODEV, errno.EINVAL) or network.id not in self._bridge_indexes:
+                raise
+            # the bridge was re-created behind our back (new index): look it up once more
+            del self._bridge_indexes[network.id]
+            self._create_veth(host, network, endpoint, info, fd)
+            return
+        self._bridge_indexes[network.id] = bridge
+
+    def leave(self, network: Network, endpoint: Endpoint, sandbox_gone: bool = False) -> None:
+        """Take the endpoint out at once; its veth is deleted in the background, in a batch.
+
+        Inside a container that lives on, the interface is downed and renamed first so that
+        its name (eth1, ...) is free for the next `network connect` right away."""
+        with Rtnl() as host:
+            if not sandbox_gone and endpoint.sandbox and os.path.exists(endpoint.sandbox):
+                with contextlib.suppress(OSError), Rtnl(endpoint.sandbox) as inside:
+                    index = inside.link_index(endpoint.ifname)
+                    if index is not None:
+                        inside.set_link(index, up=False)
+                        inside.set_link(index, name=f"gone{index}")
+            self._retire(host, endpoint)
+
+    def _retire(self, host: Rtnl, endpoint: Endpoint) -> None:
+        index = host.link_index(endpoint.host_ifname)
+        if index is not None:
+            self.retirer.retire(host, index)
 
     # --- published ports --------------------------------------------------------------------
 

@@ -17,5 +17,5 @@ class HostDriver(Driver):
     def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
         pass  # nothing to plumb: the container runs in the host's namespace
 
-    def leave(self, network: Network, endpoint: Endpoint) -> None:
+    def leave(self, network: Network, endpoint: Endpoint, sandbox_gone: bool = False) -> None:
         pass

@@ -17,5 +17,5 @@ class NullDriver(Driver):
     def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
         pass  # the sandbox already has lo up; nothing else belongs there
 
-    def leave(self, network: Network, endpoint: Endpoint) -> None:
+    def leave(self, network: Network, endpoint: Endpoint, sandbox_gone: bool = False) -> None:
         pass
