@@ -1,17 +1,26 @@
-"""Network drivers, one package each, and the registry the controller picks them from."""
+"""Network drivers, one package each, and the registry the controller picks them from.
+
+A driver package exports `DRIVER`, its Driver class; the registry finds every package here
+that does, so adding a driver is adding its folder.
+"""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from netd.driverapi import Driver, DriverContext
 from netd.errors import BadRequest
 
 
 def driver_classes() -> dict[str, type[Driver]]:
-    from drivers.bridge import BridgeDriver
-    from drivers.host import HostDriver
-    from drivers.null import NullDriver
-
-    return {cls.name: cls for cls in (BridgeDriver, HostDriver, NullDriver)}
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        if module.ispkg:
+            cls = getattr(importlib.import_module(f"{__name__}.{module.name}"), "DRIVER", None)
+            if cls is not None:
+                found[cls.name] = cls
+    return found
 
 
 def load_drivers(ctx: DriverContext) -> dict[str, Driver]:

@@ -352,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--run-dir", default=None, help="runtime state: socket, namespaces (default /run/netd)")
     daemon.add_argument("--data-dir", default=None, help="persistent state: store, logs (default /var/lib/netd)")
     daemon.add_argument("--config-file", default="/etc/netd/daemon.json", help="daemon.json settings (default %(default)s)")
-    daemon.add_argument("--host-ttl", type=float, default=None, help="seconds this host stays listed after it stops renewing")
+    daemon.add_argument("--host-ttl", type=float, default=None,
+                        help="seconds this host stays alive in the cluster after it stops renewing (default 15)")
+    daemon.add_argument("--reclaim-after", type=float, default=None,
+                        help="seconds a dead host's addresses are kept before they are freed (default 60)")
     daemon.add_argument("--debug", action="store_true", help="log more")
     daemon.set_defaults(run=cmd_daemon, needs_client=False)
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 import drivers
-from kvstore import KVStore
+from kvstore import Create, Delete, KeyExists, KVStore, StoreError
 from netd import netlink
+from netd.cluster import Cluster
 from netd.dns import Resolver
 from netd.driverapi import Driver, DriverContext, HostInfo, JoinInfo
 from netd.errors import BadRequest, Conflict, NetdError, NotFound
@@ -85,6 +86,8 @@ class Controller:
         cluster_store: KVStore | None = None,
         reaper: process.Reaper | None = None,
         resolv_conf: str = "/etc/resolv.conf",
+        host_ttl: float = 15.0,
+        reclaim_after: float = 60.0,
     ):
         self.paths = paths
         self.host = host
@@ -95,14 +98,18 @@ class Controller:
         self.reaper = reaper or process.Reaper()
         self.host_resolv_conf = etcfiles.read_resolv_conf(resolv_conf)
         self.resolver = Resolver(self.resolve_name, self.resolve_address, resolv_conf)
-        self.ipam = {LOCAL: IPAM(local_store, host.name, LOCAL)}
+        # How endpoints and allocations name this host: its advertise address in a cluster.
+        self.host_key = host.address or host.name
+        self.ipam = {LOCAL: IPAM(local_store, self.host_key, LOCAL)}
+        self.cluster: Cluster | None = None
         if cluster_store is not None:
-            self.ipam[GLOBAL] = IPAM(cluster_store, host.address or host.name, GLOBAL)
+            self.ipam[GLOBAL] = IPAM(cluster_store, self.host_key, GLOBAL)
+            self.cluster = Cluster(cluster_store, host, self, ttl=host_ttl, reclaim_after=reclaim_after)
         self.drivers: dict[str, Driver] = drivers.load_drivers(
             DriverContext(host, local_store, cluster_store, firewall, paths.run_dir, self.lock)
         )
         self.networks: dict[str, Network] = {}
-        self.endpoints: dict[str, Endpoint] = {}       # local endpoints, by id
+        self.endpoints: dict[str, Endpoint] = {}       # endpoints on this host (any scope), by id
         self.containers: dict[str, Container] = {}
         self._port_reservations: dict[tuple[str, str, int], socket.socket] = {}
         self._exit_waiters: dict[str, threading.Event] = {}
@@ -117,31 +124,42 @@ class Controller:
             os.makedirs(os.path.join(self.paths.run_dir, sub), exist_ok=True)
         os.makedirs(os.path.join(self.paths.data_dir, "containers"), exist_ok=True)
         with self.lock:
-            self._load()
+            self._load_local()
+        if self.cluster is not None:
+            # Outside the lock: the cluster's mirrors call back into the controller as they load.
+            self.cluster.start()
+        with self.lock:
+            if self.cluster is not None:
+                for endpoint in self.cluster.endpoints_of_host(self.host_key):
+                    self.endpoints[endpoint.id] = endpoint
             self.resolver.start()
             self._restore()
             self._ensure_builtin_networks()
+        if self.cluster is not None:
+            self.store_reconnected()
 
     def close(self) -> None:
         """Stop serving; containers and their networking keep running (restored on restart)."""
+        if self.cluster is not None:
+            self.cluster.stop()
         self.resolver.stop()
         for driver in self.drivers.values():
             driver.close()
         for sock in self._port_reservations.values():
             sock.close()
 
-    def _load(self) -> None:
-        for store in self._stores():
-            pairs, _ = store.list(NETWORKS)
-            for pair in pairs:
-                network = self._decode(Network.from_json, pair)
-                if network:
-                    self.networks[network.id] = network
-            pairs, _ = store.list(ENDPOINTS)
-            for pair in pairs:
-                endpoint = self._decode(Endpoint.from_json, pair)
-                if endpoint and endpoint.host == self._host_key(store):
-                    self.endpoints[endpoint.id] = endpoint
+    def _load_local(self) -> None:
+        """Local networks, endpoints and containers; the global ones come from the cluster."""
+        pairs, _ = self.local_store.list(NETWORKS)
+        for pair in pairs:
+            network = self._decode(Network.from_json, pair)
+            if network:
+                self.networks[network.id] = network
+        pairs, _ = self.local_store.list(ENDPOINTS)
+        for pair in pairs:
+            endpoint = self._decode(Endpoint.from_json, pair)
+            if endpoint:
+                self.endpoints[endpoint.id] = endpoint
         pairs, _ = self.local_store.list(CONTAINERS)
         for pair in pairs:
             container = self._decode(Container.from_json, pair)
@@ -185,9 +203,6 @@ class Controller:
 
     # --- stores -----------------------------------------------------------------------------
 
-    def _stores(self) -> list[KVStore]:
-        return [self.local_store] + ([self.cluster_store] if self.cluster_store else [])
-
     def _store(self, scope: str) -> KVStore:
         if scope == GLOBAL:
             if self.cluster_store is None:
@@ -195,8 +210,66 @@ class Controller:
             return self.cluster_store
         return self.local_store
 
-    def _host_key(self, store: KVStore) -> str:
-        return self.host.address or self.host.name if store is self.cluster_store else self.host.name
+    # --- the cluster's news (ClusterListener, called from the cluster's threads) -------------
+
+    def global_network_changed(self, pair, deleted: bool) -> None:
+        network = self._decode(Network.from_json, pair)
+        if network is None:
+            return
+        with self.lock:
+            if not deleted:
+                if network.id not in self.networks:
+                    log.info("global network %s appeared (%s)", network.name, network.driver)
+                self.networks[network.id] = network
+                return
+            known = self.networks.pop(network.id, None)
+            if known is not None and known.driver in self.drivers:
+                log.info("global network %s was removed", known.name)
+                try:
+                    self.drivers[known.driver].delete_network(known)
+                except Exception as e:  # noqa: BLE001
+                    log.error("while removing global network %s here: %s", known.name, e)
+
+    def peer_changed(self, endpoint: Endpoint, present: bool) -> None:
+        """A remote endpoint of a global network appeared or went (or its host died)."""
+        with self.lock:
+            network = self.networks.get(endpoint.network_id)
+            if network is None or network.driver not in self.drivers:
+                return
+            driver = self.drivers[network.driver]
+            try:
+                if present:
+                    driver.peer_joined(network, endpoint)
+                else:
+                    driver.peer_left(network, endpoint)
+            except Exception as e:  # noqa: BLE001 - one peer must not stop the others
+                log.error("could not %s peer %s (%s on %s): %s", "program" if present else "unprogram",
+                          endpoint.container_name, endpoint.address, endpoint.host, e)
+
+    def store_reconnected(self) -> None:
+        """The cluster store is back (or we just started): free addresses this host took but
+        never used, e.g. when the store went away in the middle of a `netd run`."""
+        with self.lock:
+            mine = set(self.endpoints)
+            ipam = self.ipam[GLOBAL]
+            try:
+                for pool in ipam.pools():
+                    for allocation in ipam.allocations(pool.network_id):
+                        if (allocation.kind == "endpoint" and allocation.host == self.host_key
+                                and allocation.endpoint_id not in mine):
+                            log.warning("freeing %s on %s: its endpoint never came to be", allocation.address,
+                                        pool.network_name)
+                            ipam.release(pool.network_id, allocation.address)
+            except StoreError as e:
+                log.warning("could not check this host's addresses in the cluster store: %s", e)
+
+    def reclaim_endpoint(self, endpoint: Endpoint) -> None:
+        network = self.networks.get(endpoint.network_id)
+        if endpoint.address:
+            self.ipam[GLOBAL].release_owned(endpoint.network_id, endpoint.address, endpoint.id)
+        if network is not None:
+            self.cluster_store.delete(_endpoint_name_key(network.id, endpoint.container_name))
+        self.cluster_store.delete(f"{ENDPOINTS}{endpoint.network_id}/{endpoint.id}")
 
     # --- networks ---------------------------------------------------------------------------
 
@@ -289,9 +362,8 @@ class Controller:
 
     def network_endpoints(self, network: Network) -> list[Endpoint]:
         """Every endpoint of the network (on all hosts, for global networks)."""
-        if network.scope == GLOBAL and self.cluster_store is not None:
-            pairs, _ = self.cluster_store.list(f"{ENDPOINTS}{network.id}/")
-            return [e for e in (self._decode(Endpoint.from_json, p) for p in pairs) if e]
+        if network.scope == GLOBAL and self.cluster is not None:
+            return self.cluster.endpoints_of(network.id)
         return [e for e in self.endpoints.values() if e.network_id == network.id]
 
     def remove_network(self, ref: str) -> None:
@@ -301,6 +373,13 @@ class Controller:
                 raise Conflict(f"{network.name} is a pre-defined network and cannot be removed")
             endpoints = self.network_endpoints(network)
             if endpoints:
+                if network.scope == GLOBAL:
+                    by_host: dict[str, list[str]] = {}
+                    for e in endpoints:
+                        by_host.setdefault(e.host, []).append(e.container_name)
+                    where = "; ".join(f"{h}: {', '.join(sorted(n))}" for h, n in sorted(by_host.items()))
+                    raise Conflict(f"network {network.name} has active endpoints on hosts ({where}): "
+                                   "disconnect or remove those containers first")
                 names = ", ".join(sorted({e.container_name for e in endpoints}))
                 raise Conflict(
                     f"network {network.name} has active endpoints ({names}): disconnect or remove those containers first"
@@ -642,7 +721,7 @@ class Controller:
             check_name("alias", alias)
         endpoint = Endpoint(
             id=new_id(), network_id=network.id, container_id=container.id, container_name=container.name,
-            host=self._host_key(store), aliases=list(aliases), sandbox=container.netns,
+            host=self.host_key, aliases=list(aliases), sandbox=container.netns,
         )
         if impl.has_addresses:
             address = self.ipam[network.scope].allocate(
@@ -659,13 +738,37 @@ class Controller:
             )
             impl.join(network, endpoint, JoinInfo(container.netns, endpoint.ifname, set_default))
             undo.push(impl.leave, network, endpoint)
-        store.create(f"{ENDPOINTS}{network.id}/{endpoint.id}", endpoint.to_json())
-        undo.push(store.delete, f"{ENDPOINTS}{network.id}/{endpoint.id}")
+        self._store_endpoint(store, network, endpoint)
+        undo.push(self._unstore_endpoint, store, network, endpoint)
         self.endpoints[endpoint.id] = endpoint
         undo.push(self.endpoints.pop, endpoint.id, None)
         container.networks.append(network.id)
         undo.push(container.networks.remove, network.id)
         return endpoint
+
+    def _store_endpoint(self, store: KVStore, network: Network, endpoint: Endpoint) -> None:
+        """Write the endpoint; on a global network, with its container name reserved in the
+        same transaction, so that a name is unique on the network across the cluster."""
+        key = f"{ENDPOINTS}{network.id}/{endpoint.id}"
+        if network.scope != GLOBAL:
+            store.create(key, endpoint.to_json())
+            return
+        name_key = _endpoint_name_key(network.id, endpoint.container_name)
+        try:
+            store.commit([Create(key, endpoint.to_json()), Create(name_key, endpoint.host)])
+        except KeyExists as e:
+            if e.key != name_key:
+                raise
+            holder = store.get(name_key)
+            where = f" on host {holder.value}" if holder else ""
+            raise Conflict(f"name {endpoint.container_name} is already used on network {network.name}{where}: "
+                           "names are unique on a global network across the cluster") from None
+
+    def _unstore_endpoint(self, store: KVStore, network: Network, endpoint: Endpoint) -> None:
+        ops = [Delete(f"{ENDPOINTS}{network.id}/{endpoint.id}")]
+        if network.scope == GLOBAL:
+            ops.append(Delete(_endpoint_name_key(network.id, endpoint.container_name)))
+        store.commit(ops)
 
     def _next_ifname(self, container: Container) -> str:
         used = {e.ifname for e in self._container_endpoints(container)}
@@ -696,7 +799,7 @@ class Controller:
         impl.delete_endpoint(network, endpoint)
         if endpoint.address:
             self.ipam[network.scope].release(network.id, endpoint.address)
-        self._store(network.scope).delete(f"{ENDPOINTS}{network.id}/{endpoint.id}")
+        self._unstore_endpoint(self._store(network.scope), network, endpoint)
         self.endpoints.pop(endpoint.id, None)
         if network.id in container.networks:
             container.networks.remove(network.id)
@@ -840,6 +943,7 @@ class Controller:
     def info(self) -> dict:
         from netd import __version__
 
+        hosts = self.cluster.host_list() if self.cluster is not None else []
         with self.lock:
             running = sum(1 for c in self.containers.values() if c.state == "running")
             info = {
@@ -851,6 +955,10 @@ class Controller:
                 "Networks": len(self.networks),
                 "Drivers": sorted(self.drivers),
             }
+            if self.cluster is not None:
+                info["ClusterHosts"] = [
+                    f"{h.get('Address')} ({h.get('Name')}): {'alive' if h['Alive'] else 'dead'}" for h in hosts
+                ]
         if self.info_extra is not None:
             info.update(self.info_extra())
         return info
@@ -893,6 +1001,10 @@ class Controller:
                                   "Endpoint": allocation.endpoint_id, "Host": allocation.host, "Since": allocation.since})
                 results.append(entry)
         return results
+
+
+def _endpoint_name_key(network_id: str, name: str) -> str:
+    return f"netd/endpoint-names/{network_id}/{name}"
 
 
 def parse_port_proto(spec: str) -> tuple[int, str]:

@@ -7,6 +7,7 @@ Docker's live-restore does; the next start finds and restores them.
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ class Settings:
     cluster_store: str | None = None
     cluster_advertise: str | None = None
     host_ttl: float = 15.0
+    reclaim_after: float = 60.0
     debug: bool = False
 
     @property
@@ -50,19 +52,27 @@ def load_settings(args) -> Settings:
                 data = json.load(f)
         except (OSError, ValueError) as e:
             raise BadRequest(f"cannot read {path}: {e}") from None
-        known = {"run-dir", "data-dir", "store", "cluster-store", "cluster-advertise", "host-ttl", "debug"}
+        known = {"run-dir", "data-dir", "store", "cluster-store", "cluster-advertise", "host-ttl", "reclaim-after",
+                 "debug"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise BadRequest(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
         for key, value in data.items():
             setattr(settings, key.replace("-", "_"), value)
-    for field in ("run_dir", "data_dir", "store", "cluster_store", "cluster_advertise", "host_ttl"):
+    for field in ("run_dir", "data_dir", "store", "cluster_store", "cluster_advertise", "host_ttl", "reclaim_after"):
         value = getattr(args, field, None)
         if value is not None:
             setattr(settings, field, value)
     settings.debug = settings.debug or bool(getattr(args, "debug", False))
     if settings.cluster_advertise and not settings.cluster_store:
         raise BadRequest("--cluster-advertise needs --cluster-store")
+    if settings.cluster_store and not settings.cluster_advertise:
+        raise BadRequest("--cluster-store needs --cluster-advertise IP: the address other hosts reach this one at")
+    if settings.cluster_advertise:
+        try:
+            ipaddress.IPv4Address(settings.cluster_advertise)
+        except ValueError:
+            raise BadRequest(f"--cluster-advertise {settings.cluster_advertise!r} is not an IPv4 address") from None
     return settings
 
 
@@ -139,8 +149,11 @@ class Daemon:
         self._lock_fd = _lock_run_dir(s.run_dir)
         host = HostInfo(id=host_identity(s.data_dir), name=socket.gethostname(), address=s.cluster_advertise or "")
 
-        self.local_store = open_store(s.store or f"sqlite://{os.path.join(s.data_dir, 'netd.db')}")
+        # The cluster store first: if it cannot be reached, say so before touching anything.
         self.cluster_store = open_store(s.cluster_store) if s.cluster_store else None
+        if self.cluster_store is not None:
+            self.cluster_store.revision()
+        self.local_store = open_store(s.store or f"sqlite://{os.path.join(s.data_dir, 'netd.db')}")
 
         self.firewall = Firewall()
         self.firewall_report = self.firewall.setup()
@@ -152,7 +165,7 @@ class Daemon:
         reaper.start()
         self.controller = Controller(
             Paths(s.run_dir, s.data_dir), host, self.local_store, self.firewall,
-            cluster_store=self.cluster_store, reaper=reaper,
+            cluster_store=self.cluster_store, reaper=reaper, host_ttl=s.host_ttl, reclaim_after=s.reclaim_after,
         )
         self.controller.info_extra = self.info
         self.controller.start()

@@ -91,6 +91,12 @@ class Driver(abc.ABC):
         """After a daemon restart: verify or rebuild kernel state for the network and its
         local endpoints, without disturbing what already works."""
 
+    def peer_joined(self, network: Network, endpoint: Endpoint) -> None:  # noqa: B027
+        """A global network's endpoint on another (live) host appeared: program the path to it."""
+
+    def peer_left(self, network: Network, endpoint: Endpoint) -> None:  # noqa: B027
+        """That endpoint went away, or its host stopped renewing its lease: unprogram it."""
+
     def publish_ports(self, network: Network, endpoint: Endpoint, ports: list) -> None:
         raise BadRequest(f"driver {self.name} cannot publish ports")
 

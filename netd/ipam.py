@@ -16,6 +16,7 @@ widens a random window of candidates so that concurrent hosts stop colliding.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import random
@@ -24,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from kvstore import KeyExists, KVStore, StoreError
+from kvstore import KeyExists, KVStore, StoreError, VersionConflict
 from netd.errors import BadRequest, Conflict, NotFound
 from netd.model import now
 
@@ -359,6 +360,20 @@ class IPAM:
 
     def release(self, network_id: str, address: str) -> None:
         self.store.delete(f"{ADDRESSES}{network_id}/{address}")
+        with self._lock:
+            cursor = self._cursors.get(network_id)
+            if cursor is not None:
+                cursor.taken.discard(int(IPv4Address(address)))
+
+    def release_owned(self, network_id: str, address: str, endpoint_id: str) -> None:
+        """Release `address` only if `endpoint_id` still holds it (another host may have taken
+        it again since): a compare-and-swap delete."""
+        key = f"{ADDRESSES}{network_id}/{address}"
+        pair = self.store.get(key)
+        if pair is None or json.loads(pair.value).get("endpoint_id") != endpoint_id:
+            return
+        with contextlib.suppress(VersionConflict):
+            self.store.delete(key, pair.version)
         with self._lock:
             cursor = self._cursors.get(network_id)
             if cursor is not None:

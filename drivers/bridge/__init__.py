@@ -1,3 +1,3 @@
 from drivers.bridge.driver import BridgeDriver
 
-__all__ = ["BridgeDriver"]
+DRIVER = BridgeDriver

@@ -19,3 +19,5 @@ class HostDriver(Driver):
 
     def leave(self, network: Network, endpoint: Endpoint, sandbox_gone: bool = False) -> None:
         pass
+
+DRIVER = HostDriver

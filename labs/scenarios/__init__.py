@@ -4,6 +4,8 @@ what lab each needs."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,8 +22,15 @@ class Scenario:
     cluster_store: bool = True
 
 
-def scenarios() -> dict[str, Scenario]:
-    from labs.scenarios import bridge
+ORDER = ["bridge", "overlay", "macvlan", "hostgw", "debug", "failures"]
 
-    found = [bridge.SCENARIO]
-    return {s.name: s for s in found}
+
+def scenarios() -> dict[str, Scenario]:
+    """Every module here that defines SCENARIO, in the order the demo runs them."""
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        scenario = getattr(importlib.import_module(f"{__name__}.{module.name}"), "SCENARIO", None)
+        if scenario is not None:
+            found[scenario.name] = scenario
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return dict(sorted(found.items(), key=lambda item: rank.get(item[0], len(rank))))
