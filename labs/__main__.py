@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = list(known.values()) if args.scenario == DEMO else [known[args.scenario]]
     hosts = args.hosts or max(s.default_hosts for s in chosen)
     needs_store = any(s.cluster_store for s in chosen)
+    daemon_args = tuple(arg for s in chosen for arg in s.daemon_args)
     report = Report()
     started = time.monotonic()
     try:
-        with Lab(hosts=hosts, cluster_store=needs_store, routed=args.routed) as lab:
+        with Lab(hosts=hosts, cluster_store=needs_store, routed=args.routed, daemon_args=daemon_args) as lab:
             for scenario in chosen:
                 if not args.json:
                     print(f"== {scenario.name}: {scenario.summary}", flush=True)

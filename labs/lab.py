@@ -257,6 +257,13 @@ class Lab:
     def sh(self, host: str, command: str, timeout: float = 60) -> Result:
         return self.run(host, ["sh", "-c", command], timeout=timeout)
 
+    def daemon_log(self, host: str) -> str:
+        try:
+            with open(os.path.join(self.tmp, f"{host}-daemon.log")) as f:
+                return f.read()
+        except OSError:
+            return ""
+
     def _tail(self, log: str, lines: int = 20) -> str:
         try:
             with open(os.path.join(self.tmp, log)) as f:

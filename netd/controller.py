@@ -41,7 +41,7 @@ from netd.model import (
     now,
 )
 from netd.names import random_name
-from netd.rtnl import Rtnl
+from netd.rtnl import Rtnl, stop_retirer
 from netd.undo import Undo
 from runtime import etcfiles, namespaces, process
 
@@ -145,6 +145,7 @@ class Controller:
         self.resolver.stop()
         for driver in self.drivers.values():
             driver.close()
+        stop_retirer()
         for sock in self._port_reservations.values():
             sock.close()
 
@@ -301,7 +302,6 @@ class Controller:
             scope = scope or impl.scope
             if scope not in (LOCAL, GLOBAL):
                 raise BadRequest(f"invalid scope {scope!r}: use local or global")
-            store = self._store(scope)
             ipam_config = IPAMConfig(subnet, gateway, ip_range, dict(aux_addresses or {})) if subnet else None
             if not impl.has_addresses and (subnet or gateway or ip_range or aux_addresses):
                 raise BadRequest(f"driver {driver} does not assign addresses: --subnet and friends do not apply")
@@ -310,6 +310,7 @@ class Controller:
                 options=dict(options or {}), labels=dict(labels or {}), builtin=builtin,
             )
             impl.validate(network)
+            store = self._store(scope)
             with Undo() as undo:
                 store.create(NETWORK_NAMES + name, network.id)
                 undo.push(store.delete, NETWORK_NAMES + name)

@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 from runtime.namespaces import open_in_netns
 
@@ -25,6 +26,7 @@ NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_NEWROUTE = 20, 24
+RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
 NLA_F_NESTED = 0x8000
 
@@ -39,11 +41,14 @@ RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFF_UP = 0x1
 AF_BRIDGE = 7
 RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 4, 0, 1
+NDA_DST, NDA_LLADDR = 1, 2
+NUD_PERMANENT, NTF_SELF = 0x80, 0x02
 
 NLMSGHDR = struct.Struct("=IHHII")
 IFINFOMSG = struct.Struct("=BxHiII")
 IFADDRMSG = struct.Struct("=BBBBi")
 RTMSG = struct.Struct("=BBBBBBBBI")
+NDMSG = struct.Struct("=BxxxiHBB")
 
 
 def attr(kind: int, data: bytes) -> bytes:
@@ -184,12 +189,43 @@ class Rtnl:
                      + attr(RTA_GATEWAY, socket.inet_aton(gateway)) + u32(RTA_OIF, oif))
 
 
+    # --- neighbours and forwarding entries (overlay peers) -----------------------------------
+
+    def replace_neighbour(self, index: int, address: str, mac: str) -> None:
+        """A permanent ARP entry: `address` is at `mac` on interface `index`."""
+        self.request(RTM_NEWNEIGH, NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                     NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0)
+                     + attr(NDA_DST, socket.inet_aton(address)) + attr(NDA_LLADDR, mac_bytes(mac)))
+
+    def delete_neighbour(self, index: int, address: str) -> None:
+        self._ignore_missing(RTM_DELNEIGH, NDMSG.pack(socket.AF_INET, index, 0, 0, 0)
+                             + attr(NDA_DST, socket.inet_aton(address)))
+
+    def replace_fdb(self, index: int, mac: str, remote: str) -> None:
+        """A permanent forwarding entry on a vxlan device: frames for `mac` go to VTEP `remote`."""
+        self.request(RTM_NEWNEIGH, NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                     NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF, 0)
+                     + attr(NDA_LLADDR, mac_bytes(mac)) + attr(NDA_DST, socket.inet_aton(remote)))
+
+    def delete_fdb(self, index: int, mac: str, remote: str) -> None:
+        self._ignore_missing(RTM_DELNEIGH, NDMSG.pack(AF_BRIDGE, index, 0, NTF_SELF, 0)
+                             + attr(NDA_LLADDR, mac_bytes(mac)) + attr(NDA_DST, socket.inet_aton(remote)))
+
+    def _ignore_missing(self, msg_type: int, payload: bytes) -> None:
+        try:
+            self.request(msg_type, NLM_F_ACK, payload)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.ESRCH):
+                raise
+
+
 class LinkRetirer:
     """Deletes retired interfaces in batches, off the request path.
 
     Deleting a network device waits for an RCU grace period (~20 ms here, measured), once per
     request. A retired interface is already down and out of its container's way; it is put in
-    a group of netd's own, and a background thread deletes the whole group in one request.
+    a group of netd's own, and a background thread deletes the whole group, per namespace, in
+    one request.
     """
 
     GROUP = 0x6E6464   # "ndd": netd's retired interfaces
@@ -197,18 +233,28 @@ class LinkRetirer:
     def __init__(self, delay: float = 0.05):
         self.delay = delay
         self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: set[str | None] = set()   # namespaces with retired interfaces (None: ours)
         self._stopped = False
-        self._rtnl = Rtnl()
         self._thread = threading.Thread(target=self._run, name="link-retirer", daemon=True)
         self._thread.start()
 
-    def retire(self, rtnl: Rtnl, index: int) -> None:
-        """Take interface `index` (in rtnl's namespace, the daemon's) down into the group."""
+    def retire(self, rtnl: Rtnl, index: int, netns: str | None = None) -> None:
+        """Take interface `index` (in `rtnl`'s namespace, which is `netns`) down into the group."""
         rtnl.set_link(index, up=False, group=self.GROUP)
+        with self._lock:
+            self._pending.add(netns)
         self._wake.set()
 
     def flush(self) -> None:
-        self._rtnl.delete_group(self.GROUP)
+        with self._lock:
+            pending, self._pending = self._pending, set()
+        for netns in pending:
+            try:
+                with Rtnl(netns) as rtnl:
+                    rtnl.delete_group(self.GROUP)
+            except OSError:
+                pass  # the namespace went away with its interfaces: nothing left to delete
 
     def stop(self) -> None:
         self._stopped = True
@@ -222,8 +268,27 @@ class LinkRetirer:
             self._wake.clear()
             if self._stopped:
                 return
-            self._stopped or threading.Event().wait(self.delay)   # gather what comes in meanwhile
-            try:
-                self.flush()
-            except OSError:
-                pass  # retried with the next batch
+            time.sleep(self.delay)   # gather what comes in meanwhile into the same batch
+            self.flush()
+
+
+_retirer: LinkRetirer | None = None
+_retirer_lock = threading.Lock()
+
+
+def retirer() -> LinkRetirer:
+    """The daemon's one LinkRetirer, started on first use."""
+    global _retirer
+    with _retirer_lock:
+        if _retirer is None:
+            _retirer = LinkRetirer()
+        return _retirer
+
+
+def stop_retirer() -> None:
+    """Delete what is still retired and stop the thread (daemon shutdown)."""
+    global _retirer
+    with _retirer_lock:
+        if _retirer is not None:
+            _retirer.stop()
+            _retirer = None

@@ -15,7 +15,7 @@ from netd import netlink
 from netd.driverapi import Driver, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.model import Endpoint, Network, PortBinding
-from netd.rtnl import LinkRetirer, Rtnl
+from netd.rtnl import Rtnl, retirer
 
 OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
 OPT_MTU = "com.docker.network.driver.mtu"
@@ -42,17 +42,6 @@ class BridgeDriver(Driver):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._bridge_indexes: dict[str, int] = {}   # network id -> ifindex of its bridge here
-        self._retirer: LinkRetirer | None = None
-
-    @property
-    def retirer(self) -> LinkRetirer:
-        if self._retirer is None:
-            self._retirer = LinkRetirer()
-        return self._retirer
-
-    def close(self) -> None:
-        if self._retirer is not None:
-            self._retirer.stop()
 
     # --- network ----------------------------------------------------------------------------
 
@@ -190,7 +179,7 @@ class BridgeDriver(Driver):
     def _retire(self, host: Rtnl, endpoint: Endpoint) -> None:
         index = host.link_index(endpoint.host_ifname)
         if index is not None:
-            self.retirer.retire(host, index)
+            retirer().retire(host, index)
 
     # --- published ports --------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ class Scenario:
     run: Callable[[Lab, Report, dict], None]
     default_hosts: int = 3
     cluster_store: bool = True
+    daemon_args: tuple[str, ...] = ()      # e.g. a short --host-ttl for scenarios where hosts die
 
 
 ORDER = ["bridge", "overlay", "macvlan", "hostgw", "debug", "failures"]

@@ -51,6 +51,8 @@ CASES = [
     (["network", "create", "-d", "vlanish", "x4"], "unknown driver 'vlanish'"),
     (["network", "create", "-o", "colour=blue", "x5"], "unknown option 'colour' for driver bridge"),
     (["network", "create", "host"], "pre-defined network"),
+    (["network", "create", "-d", "overlay", "x6"], "overlay networks need a cluster store: start every daemon with --cluster-store"),
+    (["network", "create", "--scope", "global", "x7"], "global networks need a cluster store"),
     (["network", "rm", "{net}"], "network {net} has active endpoints ({ctr})"),
     (["network", "rm", "bridge"], "bridge is a pre-defined network and cannot be removed"),
     (["network", "rm", "nosuchnet"], "network nosuchnet not found"),

@@ -1,0 +1,3 @@
+from drivers.overlay.driver import OverlayDriver
+
+DRIVER = OverlayDriver
