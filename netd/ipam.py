@@ -12,6 +12,11 @@ An address is taken by creating its key only if absent (compare-and-swap, no glo
 so two hosts can never both get it. Each host remembers which addresses it has seen taken
 and walks forward from where it last allocated, as Docker does; when it meets contention it
 widens a random window of candidates so that concurrent hosts stop colliding.
+
+Sub-ranges: `allocate(within=CIDR)` takes the address from one part of the pool only, minus that
+part's own network, first (its gateway) and broadcast addresses. A driver whose hosts each route
+one part of a network (hostgw: each host's lease) gives its endpoints addresses that way, and
+holds each part's gateway with `reserve()` so `netd ipam inspect` shows it.
 """
 
 from __future__ import annotations
@@ -243,7 +248,8 @@ class IPAM:
             self.store.delete(_subnet_key(pool.net))
             self.store.delete(pair.key)
         with self._lock:
-            self._cursors.pop(network_id, None)
+            for key in [k for k in self._cursors if k.split("/", 1)[0] == network_id]:
+                del self._cursors[key]
 
     def pool(self, network_id: str) -> Pool:
         pair = self.store.get(POOLS + network_id)
@@ -257,28 +263,48 @@ class IPAM:
 
     # --- addresses --------------------------------------------------------------------------
 
-    def allocate(self, network_id: str, requested: str | None = None, **owner) -> str:
-        """Take an address for an endpoint; `requested` is a static --ip. Returns the address."""
+    def allocate(self, network_id: str, requested: str | None = None, within: str | None = None, **owner) -> str:
+        """Take an address for an endpoint; `requested` is a static --ip. Returns the address.
+
+        `within` (a CIDR inside the pool) restricts this allocation to a sub-range of the pool,
+        without its own first (network), second (its gateway) and last (broadcast) addresses: a
+        host's share of a network whose hosts each route a part of it (hostgw's lease).
+        """
         pool = self.pool(network_id)
+        sub = self._sub_range(pool, within) if within else None
         if requested is not None:
             addr = parse_address(requested, "--ip")
             net = pool.net
             if addr not in net or addr in (net.network_address, net.broadcast_address):
                 raise BadRequest(f"address {requested} is not a usable address of subnet {net} (network {pool.network_name})")
+            if sub is not None and not sub[0] <= int(addr) <= sub[1]:
+                raise BadRequest(f"address {requested} is outside {within}, the part of network {pool.network_name} "
+                                 "this host gives out: choose an address in it")
             try:
                 self._create_allocation(Allocation(str(addr), network_id, host=self.host, **owner))
             except KeyExists:
                 raise Conflict(f"address {requested} is already in use on network {pool.network_name}{self._holder(network_id, addr)}") from None
             self._mark_taken(network_id, int(addr))
             return str(addr)
-        return self._allocate_next(pool, owner)
+        return self._allocate_next(pool, owner, sub, within)
 
-    def _allocate_next(self, pool: Pool, owner: dict) -> str:
+    @staticmethod
+    def _sub_range(pool: Pool, within: str) -> tuple[int, int]:
+        """The first and last address `allocate(within=...)` may give out."""
+        rng = parse_subnet(within, "range")
+        if not rng.subnet_of(pool.net):
+            raise BadRequest(f"range {within} is not inside subnet {pool.subnet} (network {pool.network_name})")
+        first = max(int(rng.network_address) + 2, int(pool.allocatable.network_address), int(pool.net.network_address) + 1)
+        last = min(int(rng.broadcast_address) - 1, int(pool.allocatable.broadcast_address),
+                   int(pool.net.broadcast_address) - 1)
+        return first, last
+
+    def _allocate_next(self, pool: Pool, owner: dict, sub: tuple[int, int] | None = None, within: str | None = None) -> str:
         refresh = False
         for _pass in range(2):  # the second pass re-reads the store: others may have released
             while True:
                 with self._lock:
-                    cursor = self._cursor(pool, refresh)
+                    cursor = self._cursor(pool, refresh, sub)
                     refresh = False
                     candidate = self._pick(cursor)
                 if candidate is None:
@@ -298,22 +324,31 @@ class IPAM:
                 return address
             refresh = True
         raise Conflict(
-            f"no free address left in {pool.ip_range or pool.subnet} (network {pool.network_name}): the pool is exhausted"
+            f"no free address left in {within or pool.ip_range or pool.subnet} (network {pool.network_name}): "
+            f"the {'range' if within else 'pool'} is exhausted"
         )
 
-    def _cursor(self, pool: Pool, refresh: bool) -> _PoolCursor:
-        cursor = self._cursors.get(pool.network_id)
+    def _cursor(self, pool: Pool, refresh: bool, sub: tuple[int, int] | None = None) -> _PoolCursor:
+        key = pool.network_id if sub is None else f"{pool.network_id}/{sub[0]}-{sub[1]}"
+        cursor = self._cursors.get(key)
         if cursor is None or refresh:
             pairs, _ = self.store.list(f"{ADDRESSES}{pool.network_id}/")
             taken = {int(IPv4Address(p.key.rsplit("/", 1)[1])) for p in pairs}
-            rng, net = pool.allocatable, pool.net
-            first = max(int(rng.network_address), int(net.network_address) + 1)
-            last = min(int(rng.broadcast_address), int(net.broadcast_address) - 1)
+            if sub is None:
+                rng, net = pool.allocatable, pool.net
+                first = max(int(rng.network_address), int(net.network_address) + 1)
+                last = min(int(rng.broadcast_address), int(net.broadcast_address) - 1)
+            else:
+                first, last = sub
             fresh = _PoolCursor(taken, first, last)
             if cursor is not None:
                 fresh.next = cursor.next
-            cursor = self._cursors[pool.network_id] = fresh
+            cursor = self._cursors[key] = fresh
         return cursor
+
+    def _cursors_of(self, network_id: str) -> list[_PoolCursor]:
+        """The cursors of a pool: the whole pool's and its sub-ranges'. Hold self._lock."""
+        return [c for key, c in self._cursors.items() if key.split("/", 1)[0] == network_id]
 
     @staticmethod
     def _pick(cursor: _PoolCursor) -> int | None:
@@ -336,8 +371,7 @@ class IPAM:
 
     def _mark_taken(self, network_id: str, address: int) -> None:
         with self._lock:
-            cursor = self._cursors.get(network_id)
-            if cursor is not None:
+            for cursor in self._cursors_of(network_id):
                 cursor.taken.add(address)
 
     def _create_allocation(self, allocation: Allocation) -> None:
@@ -360,9 +394,11 @@ class IPAM:
 
     def release(self, network_id: str, address: str) -> None:
         self.store.delete(f"{ADDRESSES}{network_id}/{address}")
+        self._mark_free(network_id, address)
+
+    def _mark_free(self, network_id: str, address: str) -> None:
         with self._lock:
-            cursor = self._cursors.get(network_id)
-            if cursor is not None:
+            for cursor in self._cursors_of(network_id):
                 cursor.taken.discard(int(IPv4Address(address)))
 
     def release_owned(self, network_id: str, address: str, endpoint_id: str) -> None:
@@ -374,10 +410,33 @@ class IPAM:
             return
         with contextlib.suppress(VersionConflict):
             self.store.delete(key, pair.version)
-        with self._lock:
-            cursor = self._cursors.get(network_id)
-            if cursor is not None:
-                cursor.taken.discard(int(IPv4Address(address)))
+        self._mark_free(network_id, address)
+
+    def reserve(self, network_id: str, address: str, kind: str = "gateway", name: str = "") -> None:
+        """Hold an address that no endpoint may get (e.g. the gateway of a host's sub-range).
+        Nothing happens if it is already held as `kind`; held otherwise, it is a Conflict."""
+        pool = self.pool(network_id)
+        addr = parse_address(address)
+        if addr not in pool.net:
+            raise BadRequest(f"address {address} is not inside subnet {pool.subnet} (network {pool.network_name})")
+        try:
+            self._create_allocation(Allocation(str(addr), network_id, kind=kind, name=name, host=self.host))
+        except KeyExists:
+            pair = self.store.get(f"{ADDRESSES}{network_id}/{addr}")
+            if pair is None or json.loads(pair.value).get("kind") != kind:
+                raise Conflict(f"address {address} is already in use on network {pool.network_name}"
+                               f"{self._holder(network_id, addr)}") from None
+        self._mark_taken(network_id, int(addr))
+
+    def release_reserved(self, network_id: str, address: str, name: str) -> None:
+        """Release what reserve() took under `name`, only if it is still held so (compare-and-swap)."""
+        key = f"{ADDRESSES}{network_id}/{address}"
+        pair = self.store.get(key)
+        if pair is None or json.loads(pair.value).get("name") != name:
+            return
+        with contextlib.suppress(VersionConflict):
+            self.store.delete(key, pair.version)
+        self._mark_free(network_id, address)
 
     def allocations(self, network_id: str) -> list[Allocation]:
         pairs, _ = self.store.list(f"{ADDRESSES}{network_id}/")

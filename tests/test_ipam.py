@@ -124,3 +124,39 @@ def test_concurrent_allocations_never_repeat(tmp_path):
         t.join()
     assert len(results) == 800 and len(set(results)) == 800
     store.close()
+
+
+def test_allocation_within_a_sub_range_skips_its_network_gateway_and_broadcast(ipam):
+    """A host's share of a pool (hostgw's lease): its own .0, .1 (gateway) and broadcast stay out."""
+    ipam.request_pool("n1", "one", subnet="10.244.0.0/16")
+    got = [ipam.allocate("n1", within="10.244.7.0/30") for _ in range(1)]
+    assert got == ["10.244.7.2"]
+    with pytest.raises(Conflict, match=r"no free address left in 10.244.7.0/30 .*range is exhausted"):
+        ipam.allocate("n1", within="10.244.7.0/30")
+    assert ipam.allocate("n1", within="10.244.8.0/24") == "10.244.8.2"
+    assert ipam.allocate("n1") == "10.244.0.2"          # the whole pool, as before
+    ipam.release("n1", "10.244.7.2")
+    assert ipam.allocate("n1", within="10.244.7.0/30") == "10.244.7.2"
+
+
+def test_static_address_must_lie_within_the_sub_range(ipam):
+    ipam.request_pool("n1", "one", subnet="10.244.0.0/16")
+    assert ipam.allocate("n1", "10.244.3.9", within="10.244.3.0/24") == "10.244.3.9"
+    with pytest.raises(BadRequest, match=r"10.244.4.9 is outside 10.244.3.0/24, the part of network one"):
+        ipam.allocate("n1", "10.244.4.9", within="10.244.3.0/24")
+    with pytest.raises(BadRequest, match=r"range 10.9.0.0/24 is not inside subnet 10.244.0.0/16"):
+        ipam.allocate("n1", within="10.9.0.0/24")
+
+
+def test_reserve_is_idempotent_and_release_reserved_frees_only_its_own(ipam):
+    ipam.request_pool("n1", "one", subnet="10.244.0.0/16")
+    ipam.reserve("n1", "10.244.5.1", name="lease 10.244.5.0/24")
+    ipam.reserve("n1", "10.244.5.1", name="lease 10.244.5.0/24")      # again: nothing changes
+    ipam.reserve("n1", "10.244.0.1", name="lease 10.244.0.0/24")      # the pool's own gateway: held already
+    endpoint = ipam.allocate("n1", within="10.244.6.0/24")
+    with pytest.raises(Conflict, match=f"address {endpoint} is already in use"):
+        ipam.reserve("n1", endpoint, name="lease")
+    ipam.release_reserved("n1", "10.244.0.1", name="lease 10.244.0.0/24")   # not ours: stays
+    ipam.release_reserved("n1", "10.244.5.1", name="lease 10.244.5.0/24")
+    held = {a.address: a.kind for a in ipam.allocations("n1")}
+    assert held == {"10.244.0.1": "gateway", endpoint: "endpoint"}
