@@ -15,7 +15,10 @@ What it does (Docker's bridge driver rules, re-done in nftables):
   ports (DNATed traffic) may cross, as Docker with its userland proxy allows. Unsolicited traffic
   from outside into a bridge is dropped too (on a Docker host the FORWARD policy DROP does that
   for Docker's bridges);
-- internal networks: nothing leaves or enters their bridge except within it.
+- internal networks: nothing leaves or enters their bridge except within it;
+- routed bridges (hostgw: the bridge holds this host's part of a network whose other parts other
+  hosts route): traffic from the rest of the network may enter, and traffic to it is not
+  masqueraded.
 
 The whole ruleset, as `nft list table ip netd` shows it with one network and one published port::
 
@@ -24,6 +27,7 @@ The whole ruleset, as `nft list table ip netd` shows it with one network and one
         set same_bridge { type ifname . ifname; elements = { "br-a" . "br-a" } }
         set internal_bridges { type ifname }
         set masquerade_bridges { type ifname; elements = { "br-a" } }
+        set routed { type ifname . ipv4_addr; flags interval }      # hostgw: "hg-b" . 10.244.0.0/16
         set published_containers { type ipv4_addr . ipv4_addr; elements = { 10.1.0.2 . 10.1.0.2 } }
         map ports_on_address { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service }
         map ports_on_any_address { type inet_proto . inet_service : ipv4_addr . inet_service
@@ -37,6 +41,7 @@ The whole ruleset, as `nft list table ip netd` shows it with one network and one
             ip saddr 127.0.0.0/8 oifname @bridges masquerade
             iifname . oifname @same_bridge ct status dnat masquerade
             ip saddr . ip daddr @published_containers ct status dnat masquerade
+            iifname . ip daddr @routed return
             iifname @masquerade_bridges iifname . oifname != @same_bridge masquerade }
         chain forward { type filter hook forward priority filter;
             iifname . oifname @same_bridge accept
@@ -44,6 +49,7 @@ The whole ruleset, as `nft list table ip netd` shows it with one network and one
             oifname @internal_bridges drop
             oifname @bridges ct state established,related accept
             oifname @bridges ct status dnat accept
+            iifname != @bridges oifname . ip saddr @routed accept
             oifname @bridges drop }
         chain localnet_guard { type filter hook prerouting priority raw;
             iifname @bridges ip daddr 127.0.0.0/8 drop }
@@ -53,7 +59,7 @@ The rules are fixed; a network is only elements of the sets (@bridges, @same_bri
 @internal_bridges or @masquerade_bridges), a published port one element of a map (and its
 container one of @published_containers). So adding or removing a network or a port is one small
 transaction through the in-process libnftables JSON API (well under a millisecond),
-remove_network deletes exactly its own elements, and no rule handle is ever looked up. No per-network chains and no interval sets, on purpose: libnftables 1.0.6
+remove_network deletes exactly its own elements, and no rule handle is ever looked up. No per-network chains and (but for the tiny @routed) no interval sets, on purpose: libnftables 1.0.6
 fetches every chain of the host and every element of every interval set into its cache on each
 call (measured: 1000 networks as chains + an interval map made each call ~12 ms instead of ~0.5).
 Masquerade therefore matches a network by its bridge rather than by `ip saddr SUBNET` (Docker's
@@ -118,6 +124,7 @@ add set ip {t} bridges {{ type ifname; }}
 add set ip {t} same_bridge {{ type ifname . ifname; }}
 add set ip {t} internal_bridges {{ type ifname; }}
 add set ip {t} masquerade_bridges {{ type ifname; }}
+add set ip {t} routed {{ type ifname . ipv4_addr; flags interval; }}
 add set ip {t} published_containers {{ type ipv4_addr . ipv4_addr; }}
 add map ip {t} ports_on_address {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}
 add map ip {t} ports_on_any_address {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}
@@ -140,12 +147,14 @@ add rule ip {t} output fib daddr type local jump published_ports
 add rule ip {t} postrouting ip saddr 127.0.0.0/8 oifname @bridges masquerade
 add rule ip {t} postrouting iifname . oifname @same_bridge ct status dnat masquerade
 add rule ip {t} postrouting ip saddr . ip daddr @published_containers ct status dnat masquerade
+add rule ip {t} postrouting iifname . ip daddr @routed return
 add rule ip {t} postrouting iifname @masquerade_bridges iifname . oifname != @same_bridge masquerade
 add rule ip {t} forward iifname . oifname @same_bridge accept
 add rule ip {t} forward iifname @internal_bridges drop
 add rule ip {t} forward oifname @internal_bridges drop
 add rule ip {t} forward oifname @bridges ct state established,related accept
 add rule ip {t} forward oifname @bridges ct status dnat accept
+add rule ip {t} forward iifname != @bridges oifname . ip saddr @routed accept
 add rule ip {t} forward oifname @bridges drop
 add rule ip {t} localnet_guard iifname @bridges ip daddr 127.0.0.0/8 drop
 """
@@ -163,11 +172,16 @@ add rule ip {t} localnet_guard iifname @bridges ip daddr 127.0.0.0/8 drop
 #   `-s C -d C -j MASQUERADE` does: @published_containers holds "C . C" for each container with a
 #   published port (otherwise the container would drop an answer from its own address); other
 #   containers of that bridge need nothing then, br_netfilter un-NATs their answers on the
-#   bridge; (4) outbound NAT.
+#   bridge; (4) outbound NAT, except to the network a routed bridge belongs to (@routed: the
+#   other hosts' parts of a hostgw network are reached with the container's own address).
 # - forward: within one bridge, accept (br_netfilter shows bridged traffic here); internal
 #   bridges: nothing out, nothing in; into any netd bridge only replies and published ports
 #   (DNATed): that is the isolation between netd bridges, one rule for all of them with @bridges,
-#   and keeps unsolicited traffic from outside away from containers.
+#   and keeps unsolicited traffic from outside away from containers. A routed bridge (@routed,
+#   "bridge . CIDR") also takes traffic from the rest of its network: hostgw's containers on other
+#   hosts, routed here by their hosts, and nobody else (not other bridges, not the hosts themselves).
+#   @routed is the one interval set: it holds one element per hostgw network on this host, so
+#   libnftables' per-call cache of interval elements stays tiny.
 # - localnet_guard: route_localnet would also let a container send to the host's 127.0.0.1
 #   services through its bridge (CVE-2020-8558): drop that before conntrack and NAT (priority
 #   raw). Replies of masqueraded 127.0.0.1 connections still carry the bridge address there.
@@ -236,6 +250,7 @@ class NetworkRules:
     subnet: str                          # "" if the network has none
     internal: bool
     masquerade: bool
+    routed: str = ""                     # CIDR of the whole network this bridge routes to and from (hostgw)
 
     @property
     def comment(self) -> str:
@@ -331,11 +346,14 @@ class Firewall:
     # --- networks -----------------------------------------------------------------------------
 
     def add_network(self, network_id: str, bridge: str, subnet: str, *, internal: bool,
-                    masquerade: bool = True, isolate: bool = True) -> None:
+                    masquerade: bool = True, isolate: bool = True, routed: str = "") -> None:
         """Install a bridge network's rules. The same network again is a no-op; with other
         parameters its rules are replaced (one transaction).
 
         `isolate` must stay True: netd's bridge networks are always isolated from each other.
+        `routed`: the CIDR of the whole network when this bridge holds only this host's part of it
+        (hostgw): traffic from that CIDR may come in from other interfaces, and traffic to it
+        leaves without masquerade.
         """
         if not isolate:
             raise BadRequest("netd bridge networks are always isolated from each other")
@@ -348,7 +366,14 @@ class Firewall:
                 subnet = str(ipaddress.IPv4Network(subnet, strict=False))
             except ValueError:
                 raise BadRequest(f"invalid subnet {subnet!r}: give an IPv4 CIDR such as 172.18.0.0/16") from None
-        rules = NetworkRules(network_id, bridge, subnet, internal, masquerade and not internal)
+        if routed:
+            try:
+                routed = str(ipaddress.IPv4Network(routed))
+            except ValueError:
+                raise BadRequest(f"invalid routed network {routed!r}: give an IPv4 CIDR such as 10.244.0.0/16") from None
+            if internal:
+                raise BadRequest("an internal network cannot be routed to other hosts")
+        rules = NetworkRules(network_id, bridge, subnet, internal, masquerade and not internal, routed)
         with self._lock:
             old = self._networks.get(network_id)
             if old != rules:
@@ -479,6 +504,8 @@ class Firewall:
             commands.append(self._elements("add", "internal_bridges", [n.bridge]))
         if n.masquerade:
             commands.append(self._elements("add", "masquerade_bridges", [n.bridge]))
+        if n.routed:
+            commands.append(self._elements("add", "routed", [_routed_element(n.bridge, n.routed)]))
         return commands
 
     def _network_removal(self, n: NetworkRules, with_ports: bool) -> list[dict]:
@@ -493,6 +520,8 @@ class Firewall:
             commands.append(self._elements("delete", "internal_bridges", [n.bridge]))
         if n.masquerade:
             commands.append(self._elements("delete", "masquerade_bridges", [n.bridge]))
+        if n.routed:
+            commands.append(self._elements("delete", "routed", [_routed_element(n.bridge, n.routed)]))
         return commands
 
     def _ports_removal(self, keys: list[tuple[str, str | None, int]]) -> list[dict]:
@@ -556,13 +585,19 @@ class Firewall:
                         strangers.append((kind, name))
         internal = {_elem_value(e) for e in sets.get("internal_bridges", [])}
         masquerade = {_elem_value(e) for e in sets.get("masquerade_bridges", [])}
+        routed = {}
+        for elem in sets.get("routed", []):
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                bridge, prefix = _elem_value(elem)["concat"]
+                routed[bridge] = f"{prefix['prefix']['addr']}/{prefix['prefix']['len']}"
         for elem in sets.get("bridges", []):
             bridge, words = _elem_value(elem), _elem_comment(elem).split()
             if len(words) not in (2, 3) or words[0] != NETWORK_COMMENT:
                 log.warning("nftables set %s bridges holds %s without its network: ignored", self.table, bridge)
                 continue
             subnet = words[2] if len(words) == 3 else ""
-            rules = NetworkRules(words[1], bridge, subnet, bridge in internal, bridge in masquerade)
+            rules = NetworkRules(words[1], bridge, subnet, bridge in internal, bridge in masquerade,
+                                 routed.get(bridge, ""))
             self._networks[rules.network_id] = rules
         for set_name in ("ports_on_address", "ports_on_any_address"):
             for key, value in sets.get(set_name, []):
@@ -749,6 +784,11 @@ class Firewall:
 
 def _commented(value: Any, comment: str) -> dict:
     return {"elem": {"val": value, "comment": comment}}
+
+
+def _routed_element(bridge: str, cidr: str) -> dict:
+    address, length = cidr.split("/")
+    return {"concat": [bridge, {"prefix": {"addr": address, "len": int(length)}}]}
 
 
 def _self_pair(address: str) -> dict:

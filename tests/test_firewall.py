@@ -575,3 +575,44 @@ def test_forward_drop_without_docker_user_is_reported(lab: Lab):
     lab.add_networks(firewall)
     assert "policy drop" in lab.nft("list chain ip filter FORWARD"), "netd changes no policy"
     assert "netd" not in lab.iptables_save()
+
+
+# --- routed bridges (hostgw) ---------------------------------------------------------------------
+
+
+def ask_from(lab: Lab, role: str, source: str, address: str, port: int) -> str | None:
+    """Like Lab.ask over TCP, from a given source address of `role`."""
+    with entered_netns(lab.path(role)):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with client:
+        client.settimeout(1.5)
+        client.bind((source, 0))
+        try:
+            client.connect((address, port))
+            return client.recv(512).decode()
+        except OSError:
+            return None
+
+
+def test_routed_bridge_reaches_the_rest_of_its_network_unmasqueraded(lab: Lab, firewall: Firewall):
+    """hostgw: brA holds this host's part (10.77.1.0/24) of 10.77.0.0/16; "out" stands for a peer
+    host whose containers hold 10.77.9.0/24, routed by address both ways."""
+    firewall.add_network(NET_A, "brA", "10.77.1.0/24", internal=False, routed="10.77.0.0/16")
+    lab.sh("out", f"ip addr add 10.77.9.1/32 dev lo && ip route add 10.77.1.0/24 via {HOST_UPLINK}")
+    lab.sh("host", f"ip route add 10.77.9.0/24 via {OUTSIDE}")
+    lab.serve("c1", 80, "c1")
+    lab.serve("out", 7000, "peer")
+    assert lab.ask("c1", "10.77.9.1", 7000) == "peer 10.77.1.2", "to the rest of the network: no NAT"
+    assert lab.ask("c1", OUTSIDE, 7000) == f"peer {HOST_UPLINK}", "anywhere else: masqueraded as before"
+    assert ask_from(lab, "out", "10.77.9.1", "10.77.1.2", 80) == "c1 10.77.9.1", "the network's other hosts come in"
+    assert lab.ask("out", "10.77.1.2", 80) is None, "a source outside the network does not"
+    assert lab.ask("c3", "10.77.1.2", 80) is None, "nor another netd bridge, even one inside the range"
+    assert lab.ask("c1", "10.77.2.2", 80) is None
+    restarted = lab.make_firewall()
+    restarted.setup()
+    assert [n.routed for n in restarted.networks() if n.network_id == NET_A] == ["10.77.0.0/16"]
+    firewall.add_network(NET_A, "brA", "10.77.1.0/24", internal=False)     # no longer routed
+    assert "10.77.0.0/16" not in lab.nft("list set ip netd routed")
+    assert lab.ask("c1", "10.77.9.1", 7000) == f"peer {HOST_UPLINK}"
+    with pytest.raises(BadRequest, match="internal network cannot be routed"):
+        firewall.add_network(NET_I, "brI", "10.77.3.0/24", internal=True, routed="10.77.0.0/16")
