@@ -152,7 +152,7 @@ class Lab:
     def _start_etcd(self) -> None:
         kv = self.hosts["kv"]
         url = f"http://{self.kv_address}:{ETCD_PORT}"
-        log = open(os.path.join(self.tmp, "etcd.log"), "w")  # noqa: SIM115 - etcd owns it
+        log = open(os.path.join(self.tmp, "etcd.log"), "a")  # noqa: SIM115 - etcd owns it
         self.etcd = kv.popen(
             ["etcd", "--name", "kv", "--data-dir", "/var/lib/etcd/netd-lab",
              "--listen-client-urls", f"{url},http://127.0.0.1:{ETCD_PORT}", "--advertise-client-urls", url,
@@ -166,6 +166,15 @@ class Lab:
                 return
             time.sleep(0.1)
         raise LabError(f"etcd did not start on the kv host: {self._tail('etcd.log')}")
+
+    def stop_etcd(self) -> None:
+        """The cluster store goes away (its data stays on the kv host)."""
+        if self.etcd is not None and self.etcd.poll() is None:
+            self.etcd.terminate()
+            self.etcd.wait(timeout=10)
+
+    def start_etcd(self) -> None:
+        self._start_etcd()
 
     def start_daemon(self, name: str, extra_args: tuple[str, ...] = ()) -> None:
         host = self.hosts[name]
@@ -217,15 +226,21 @@ class Lab:
 
     def _kill_leftovers(self) -> None:
         """Container processes still running in a lab host's namespaces (after a crash)."""
-        paths = []
         for name in self.container_hosts:
-            host = self.hosts.get(name)
-            if host is None or not getattr(host, "pid", None):
-                continue
+            self.kill_containers(name, host_namespace_too=True)
+
+    def kill_containers(self, name: str, host_namespace_too: bool = False) -> None:
+        """Kill every container process of a lab host, as if the machine had died (its daemon
+        must already be stopped, or it would notice)."""
+        host = self.hosts.get(name)
+        if host is None or not getattr(host, "pid", None):
+            return
+        netns_dir = f"/proc/{host.pid}/root/run/netd/netns"
+        paths = []
+        with contextlib.suppress(OSError):
+            paths = [os.path.join(netns_dir, e) for e in os.listdir(netns_dir) if not e.startswith("ov-")]
+        if host_namespace_too:
             paths.append(f"/proc/{host.pid}/ns/net")
-            netns_dir = f"/proc/{host.pid}/root/run/netd/netns"
-            with contextlib.suppress(OSError):
-                paths += [os.path.join(netns_dir, e) for e in os.listdir(netns_dir)]
         shells = {getattr(h, "pid", None) for h in self.hosts.values()}
         for pid in pids_in_netns(paths):
             if pid not in shells:

@@ -12,6 +12,7 @@ State lives in the stores; the controller keeps an in-memory copy for speed and 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 import drivers
-from kvstore import Create, Delete, KeyExists, KVStore, StoreError
+from kvstore import Create, Delete, KeyExists, KVStore, StoreError, VersionConflict
 from netd import netlink
 from netd.cluster import Cluster
 from netd.dns import Resolver
@@ -182,6 +183,11 @@ class Controller:
                 self.drivers[network.driver].restore(network, endpoints)
             except Exception as e:  # noqa: BLE001 - one broken network must not stop the others
                 log.error("could not restore network %s: %s", network.name, e)
+        for driver in self.drivers.values():
+            try:
+                driver.restore_done()
+            except Exception as e:  # noqa: BLE001
+                log.error("driver %s could not clean up after restoring: %s", driver.name, e)
         for container in list(self.containers.values()):
             if container.state != "running":
                 continue
@@ -266,11 +272,18 @@ class Controller:
 
     def reclaim_endpoint(self, endpoint: Endpoint) -> None:
         network = self.networks.get(endpoint.network_id)
+        if network is None:
+            self.cluster_store.delete(f"{ENDPOINTS}{endpoint.network_id}/{endpoint.id}")
+            return
         if endpoint.address:
-            self.ipam[GLOBAL].release_owned(endpoint.network_id, endpoint.address, endpoint.id)
-        if network is not None:
-            self.cluster_store.delete(_endpoint_name_key(network.id, endpoint.container_name))
-        self.cluster_store.delete(f"{ENDPOINTS}{endpoint.network_id}/{endpoint.id}")
+            self._release_address(network, endpoint)
+        self._unstore_endpoint(self.cluster_store, network, endpoint)
+
+    def _release_address(self, network: Network, endpoint: Endpoint) -> None:
+        if network.scope == GLOBAL:   # only if still ours: another host may hold it by now
+            self.ipam[GLOBAL].release_owned(network.id, endpoint.address, endpoint.id)
+        else:
+            self.ipam[network.scope].release(network.id, endpoint.address)
 
     # --- networks ---------------------------------------------------------------------------
 
@@ -755,21 +768,30 @@ class Controller:
             store.create(key, endpoint.to_json())
             return
         name_key = _endpoint_name_key(network.id, endpoint.container_name)
+        owner = json.dumps({"Host": endpoint.host, "Endpoint": endpoint.id})
         try:
-            store.commit([Create(key, endpoint.to_json()), Create(name_key, endpoint.host)])
+            store.commit([Create(key, endpoint.to_json()), Create(name_key, owner)])
         except KeyExists as e:
             if e.key != name_key:
                 raise
             holder = store.get(name_key)
-            where = f" on host {holder.value}" if holder else ""
+            where = f" on host {json.loads(holder.value).get('Host')}" if holder else ""
             raise Conflict(f"name {endpoint.container_name} is already used on network {network.name}{where}: "
                            "names are unique on a global network across the cluster") from None
 
     def _unstore_endpoint(self, store: KVStore, network: Network, endpoint: Endpoint) -> None:
-        ops = [Delete(f"{ENDPOINTS}{network.id}/{endpoint.id}")]
-        if network.scope == GLOBAL:
-            ops.append(Delete(_endpoint_name_key(network.id, endpoint.container_name)))
-        store.commit(ops)
+        """Remove the endpoint's keys — on a global network only those it still owns: after a
+        long outage its name and address may belong to another host's container by now."""
+        key = f"{ENDPOINTS}{network.id}/{endpoint.id}"
+        if network.scope != GLOBAL:
+            store.delete(key)
+            return
+        ops = [Delete(key)]
+        name = store.get(_endpoint_name_key(network.id, endpoint.container_name))
+        if name is not None and json.loads(name.value).get("Endpoint") == endpoint.id:
+            ops.append(Delete(name.key, name.version))
+        with contextlib.suppress(VersionConflict):
+            store.commit(ops)
 
     def _next_ifname(self, container: Container) -> str:
         used = {e.ifname for e in self._container_endpoints(container)}
@@ -799,7 +821,7 @@ class Controller:
         impl.leave(network, endpoint, sandbox_gone=exiting)
         impl.delete_endpoint(network, endpoint)
         if endpoint.address:
-            self.ipam[network.scope].release(network.id, endpoint.address)
+            self._release_address(network, endpoint)
         self._unstore_endpoint(self._store(network.scope), network, endpoint)
         self.endpoints.pop(endpoint.id, None)
         if network.id in container.networks:

@@ -97,6 +97,10 @@ class Driver(abc.ABC):
     def peer_left(self, network: Network, endpoint: Endpoint) -> None:  # noqa: B027
         """That endpoint went away, or its host stopped renewing its lease: unprogram it."""
 
+    def restore_done(self) -> None:  # noqa: B027
+        """Every network was restored: remove kernel state no network claimed (left by a crash,
+        or by networks removed while this daemon was down)."""
+
     def publish_ports(self, network: Network, endpoint: Endpoint, ports: list) -> None:
         raise BadRequest(f"driver {self.name} cannot publish ports")
 

@@ -221,6 +221,24 @@ class OverlayDriver(Driver):
             log.info("overlay %s (VNI %s) restored with %d local endpoint(s)", network.name,
                      network.driver_state.get("vni"), len(endpoints))
 
+    def restore_done(self) -> None:
+        """Remove overlay namespaces no network claimed: their endpoints were reclaimed while
+        this host was away, or their network was removed meanwhile."""
+        netns_dir = os.path.join(self.ctx.run_dir, "netns")
+        with self._lock:
+            kept = {sandbox.netns for sandbox in self._sandboxes.values()}
+        for entry in sorted(os.listdir(netns_dir)) if os.path.isdir(netns_dir) else []:
+            path = os.path.join(netns_dir, entry)
+            if entry.startswith("ov-") and path not in kept:
+                log.info("removing %s: no local endpoint needs it any more", entry)
+                transit = f"ovh{entry[len('ov-'):]}"
+                for rules in self.ctx.firewall.networks():
+                    if rules.bridge == transit:
+                        self.ctx.firewall.remove_network(rules.network_id)
+                with contextlib.suppress(Exception), netlink.netns_socket(None) as ipr:
+                    netlink.delete_link(ipr, transit)
+                namespaces.delete_netns(path)
+
     def inspect(self, network: Network) -> dict:
         sandbox = self._sandboxes.get(network.id)
         info = {"VNI": network.driver_state.get("vni")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 
 from labs.lab import Lab
 from labs.report import Report, run_parallel
@@ -40,3 +41,13 @@ def check_all_pairs(lab: Lab, report: Report, scenario: str, containers: dict[st
                 labels.append((what, src, dst))
     for (what, src, dst), (ok, detail) in zip(labels, run_parallel(tasks), strict=True):
         report.add(scenario, what, src, dst, ok, detail)
+
+
+def wait_for(condition, timeout: float, interval: float = 0.2) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()

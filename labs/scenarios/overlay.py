@@ -13,7 +13,7 @@ import time
 from labs.lab import Lab
 from labs.report import Report
 from labs.scenarios import Scenario
-from labs.scenarios.common import check_all_pairs, container_address, pings, unique
+from labs.scenarios.common import check_all_pairs, container_address, pings, unique, wait_for
 
 SUBNET, GATEWAY = "172.16.2.0/24", "172.16.2.254"
 
@@ -115,15 +115,6 @@ def check_dead_host(lab: Lab, report: Report, net: str, containers: dict[str, tu
     back = wait_for(lambda: dead_address in lab.sh(watcher, neighbours).stdout, timeout=30)
     ok, detail = pings(lab, watcher, next(n for n, (h, _) in containers.items() if h == watcher), dead_name)
     report.add("overlay", "host back, peers again", watcher, dead, back and ok, detail)
-
-
-def wait_for(condition, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 SCENARIO = Scenario("overlay", "VXLAN overlay across hosts: names, NAT, isolation, restart, dead host", run,
