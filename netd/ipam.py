@@ -10,8 +10,9 @@ Layout (all keys under netd/ipam/):
 
 An address is taken by creating its key only if absent (compare-and-swap, no global lock),
 so two hosts can never both get it. Each host remembers which addresses it has seen taken
-and walks forward from where it last allocated, as Docker does; when it meets contention it
-widens a random window of candidates so that concurrent hosts stop colliding.
+and walks forward from where it last allocated, as Docker does; when it finds an address
+another host took a moment ago, it jumps to a random place in the pool and walks on from
+there, so hosts allocating at the same time soon stop meeting each other.
 
 Sub-ranges: `allocate(within=CIDR)` takes the address from one part of the pool only, minus that
 part's own network, first (its gateway) and broadcast addresses. A driver whose hosts each route
@@ -47,7 +48,6 @@ LOCAL_DEFAULT_POOLS = [IPv4Network(f"172.{i}.0.0/16") for i in range(17, 32)] + 
 GLOBAL_DEFAULT_POOL = IPv4Network("10.0.0.0/8")
 GLOBAL_DEFAULT_PREFIX = 24
 
-MAX_WINDOW = 64
 
 
 @dataclass
@@ -129,7 +129,6 @@ class _PoolCursor:
         self.first = first
         self.last = last
         self.next = first
-        self.window = 1
 
 
 class IPAM:
@@ -139,6 +138,7 @@ class IPAM:
         self.scope = scope
         self._lock = threading.Lock()
         self._cursors: dict[str, _PoolCursor] = {}
+        self._pools: dict[str, Pool] = {}     # pools do not change once made: read each once
 
     # --- pools ------------------------------------------------------------------------------
 
@@ -250,12 +250,17 @@ class IPAM:
         with self._lock:
             for key in [k for k in self._cursors if k.split("/", 1)[0] == network_id]:
                 del self._cursors[key]
+            self._pools.pop(network_id, None)
 
     def pool(self, network_id: str) -> Pool:
+        cached = self._pools.get(network_id)
+        if cached is not None:
+            return cached
         pair = self.store.get(POOLS + network_id)
         if pair is None:
             raise NotFound(f"no address pool for network {network_id[:12]}")
-        return Pool(**json.loads(pair.value))
+        pool = self._pools[network_id] = Pool(**json.loads(pair.value))
+        return pool
 
     def pools(self) -> list[Pool]:
         pairs, _ = self.store.list(POOLS)
@@ -313,14 +318,13 @@ class IPAM:
                 try:
                     self._create_allocation(Allocation(address, pool.network_id, host=self.host, **owner))
                 except KeyExists:
-                    with self._lock:  # another host was faster: remember, and spread out
+                    with self._lock:  # another host was faster: remember, and move away from it
                         cursor.taken.add(candidate)
-                        cursor.window = min(cursor.window * 2, MAX_WINDOW)
+                        cursor.next = random.randint(cursor.first, cursor.last)
                     continue
                 with self._lock:
                     cursor.taken.add(candidate)
                     cursor.next = candidate + 1
-                    cursor.window = max(1, cursor.window // 2)
                 return address
             refresh = True
         raise Conflict(
@@ -352,22 +356,14 @@ class IPAM:
 
     @staticmethod
     def _pick(cursor: _PoolCursor) -> int | None:
-        """The next free address from the cursor (wrapping once), or one of the next
-        `window` free ones at random when other hosts are allocating at the same time."""
+        """The first free address at or after the cursor, wrapping around once."""
         size = cursor.last - cursor.first + 1
-        if size <= 0:
-            return None
-        free: list[int] = []
-        start = min(max(cursor.next, cursor.first), cursor.last + 1)
+        start = min(max(cursor.next, cursor.first), cursor.last + 1) - cursor.first
         for offset in range(size):
-            candidate = cursor.first + (start - cursor.first + offset) % size
+            candidate = cursor.first + (start + offset) % size
             if candidate not in cursor.taken:
-                free.append(candidate)
-                if len(free) >= cursor.window:
-                    break
-        if not free:
-            return None
-        return free[0] if cursor.window == 1 else random.choice(free)
+                return candidate
+        return None
 
     def _mark_taken(self, network_id: str, address: int) -> None:
         with self._lock:
