@@ -7,19 +7,27 @@ that does, so adding a driver is adding its folder.
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 
 from netd.driverapi import Driver, DriverContext
 from netd.errors import BadRequest
 
+log = logging.getLogger("netd.drivers")
+
 
 def driver_classes() -> dict[str, type[Driver]]:
     found = {}
     for module in pkgutil.iter_modules(__path__):
-        if module.ispkg:
+        if not module.ispkg:
+            continue
+        try:
             cls = getattr(importlib.import_module(f"{__name__}.{module.name}"), "DRIVER", None)
-            if cls is not None:
-                found[cls.name] = cls
+        except ImportError as e:   # one broken driver must not take the others down
+            log.error("driver package %s could not be loaded: %s", module.name, e)
+            continue
+        if cls is not None:
+            found[cls.name] = cls
     return found
 
 
