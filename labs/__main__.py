@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m labs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Multi-host netd labs in Mininet (needs root).",
-        epilog=f"scenarios:\n{lines}\n  {DEMO:<10} every scenario above, in one lab, ending in one table",
+        epilog=f"scenarios:\n{lines}\n  {DEMO:<10} every driver's scenario, in one lab, ending in one table",
     )
     parser.add_argument("scenario", choices=[*known, DEMO], metavar="SCENARIO")
     parser.add_argument("--hosts", type=int, help="container hosts in the lab")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print("labs need root (Mininet creates namespaces and links)", file=sys.stderr)
         return 2
     known = scenarios()
-    chosen = list(known.values()) if args.scenario == DEMO else [known[args.scenario]]
+    chosen = [s for s in known.values() if s.in_demo] if args.scenario == DEMO else [known[args.scenario]]
     hosts = args.hosts or max(s.default_hosts for s in chosen)
     needs_store = any(s.cluster_store for s in chosen)
     daemon_args = tuple(arg for s in chosen for arg in s.daemon_args)

@@ -21,6 +21,7 @@ class Scenario:
     default_hosts: int = 3
     cluster_store: bool = True
     daemon_args: tuple[str, ...] = ()      # e.g. a short --host-ttl for scenarios where hosts die
+    in_demo: bool = True                   # `python -m labs demo` runs it
 
 
 ORDER = ["bridge", "overlay", "macvlan", "hostgw", "debug", "failures"]

@@ -113,4 +113,4 @@ def unreachable_store_at_start(lab: Lab, report: Report) -> None:
 
 
 SCENARIO = Scenario("failures", "the store goes away, a link is cut, a corrupt value, a missing store", run,
-                    default_hosts=3, daemon_args=("--host-ttl", "3"))
+                    default_hosts=3, daemon_args=("--host-ttl", "3"), in_demo=False)
