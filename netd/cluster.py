@@ -64,6 +64,7 @@ class Cluster:
         self._lock = threading.Lock()
         self._missing_since: dict[str, float] = {}
         self._peers: dict[str, Endpoint] = {}        # endpoint id -> remote endpoint counted as a peer
+        self._endpoints: dict[str, dict[str, Endpoint]] = {}   # network id -> endpoint id -> endpoint (parsed once)
         self.hosts = Mirror(store, HOSTS, on_put=self._host_put, on_delete=self._host_deleted)
         self.networks = Mirror(store, NETWORKS,
                                on_put=lambda p: listener.global_network_changed(p, False),
@@ -170,17 +171,12 @@ class Cluster:
 
     def endpoints_of(self, network_id: str) -> list[Endpoint]:
         """Every endpoint of a global network, on every host (alive or not)."""
-        prefix = f"{ENDPOINTS}{network_id}/"
-        found = []
-        for key, pair in self.endpoints.items().items():
-            if key.startswith(prefix):
-                endpoint = _endpoint(pair)
-                if endpoint:
-                    found.append(endpoint)
-        return found
+        with self._lock:
+            return list(self._endpoints.get(network_id, {}).values())
 
     def endpoints_of_host(self, address: str) -> list[Endpoint]:
-        return [e for e in (_endpoint(p) for p in self.endpoints.items().values()) if e and e.host == address]
+        with self._lock:
+            return [e for by_id in self._endpoints.values() for e in by_id.values() if e.host == address]
 
     def peers(self) -> list[Endpoint]:
         with self._lock:
@@ -189,6 +185,8 @@ class Cluster:
     def _endpoint_put(self, pair: KVPair) -> None:
         endpoint = _endpoint(pair)
         if endpoint:
+            with self._lock:
+                self._endpoints.setdefault(endpoint.network_id, {})[endpoint.id] = endpoint
             self._update_peer(endpoint)
 
     def _endpoint_deleted(self, pair: KVPair) -> None:
@@ -196,6 +194,10 @@ class Cluster:
         if endpoint is None:
             return
         with self._lock:
+            by_id = self._endpoints.get(endpoint.network_id, {})
+            by_id.pop(endpoint.id, None)
+            if not by_id:
+                self._endpoints.pop(endpoint.network_id, None)
             known = self._peers.pop(endpoint.id, None)
         if known is not None:
             self.listener.peer_changed(known, False)
@@ -218,10 +220,8 @@ class Cluster:
             self.listener.peer_changed(known, False)
 
     def _refresh_peers(self, host: str) -> None:
-        for pair in self.endpoints.items().values():
-            endpoint = _endpoint(pair)
-            if endpoint and endpoint.host == host:
-                self._update_peer(endpoint)
+        for endpoint in self.endpoints_of_host(host):
+            self._update_peer(endpoint)
 
     # --- dead hosts -------------------------------------------------------------------------
 
@@ -250,10 +250,7 @@ class Cluster:
     def reclaim(self, address: str) -> int:
         """Delete a dead host's endpoints and free their addresses; how many were reclaimed."""
         count = 0
-        for pair in self.endpoints.items().values():
-            endpoint = _endpoint(pair)
-            if endpoint is None or endpoint.host != address:
-                continue
+        for endpoint in self.endpoints_of_host(address):
             try:
                 self.listener.reclaim_endpoint(endpoint)
                 count += 1
