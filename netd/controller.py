@@ -738,8 +738,10 @@ class Controller:
             host=self.host_key, aliases=list(aliases), sandbox=container.netns,
         )
         if impl.has_addresses:
+            within = impl.address_range(network)   # hostgw: this host's part of the network
+            undo.push(impl.release_address_range, network)
             address = self.ipam[network.scope].allocate(
-                network.id, ip, endpoint_id=endpoint.id, container=container.name
+                network.id, ip, within=within, endpoint_id=endpoint.id, container=container.name
             )
             undo.push(self.ipam[network.scope].release, network.id, address)
             endpoint.ipv4 = f"{address}/{IPv4Network(network.ipam.subnet).prefixlen}"
@@ -988,7 +990,8 @@ class Controller:
 
     def network_warning(self, network: Network) -> str:
         """Something the user should know about a network that was created anyway."""
-        return ""
+        impl = self.drivers.get(network.driver)
+        return impl.network_warning(network) if impl is not None else ""
 
     # --- IPAM queries -----------------------------------------------------------------------
 

@@ -101,6 +101,21 @@ class Driver(abc.ABC):
         """Every network was restored: remove kernel state no network claimed (left by a crash,
         or by networks removed while this daemon was down)."""
 
+    def address_range(self, network: Network) -> str | None:
+        """The part of the network's pool (a CIDR) this host's endpoints take addresses from;
+        None: all of it. Asked before each endpoint's address is allocated. hostgw answers with
+        this host's lease, taken then if this is its first endpoint."""
+        return None
+
+    def release_address_range(self, network: Network) -> None:  # noqa: B027
+        """Undo of address_range() when the endpoint that asked did not come to be: give back
+        what it took, if no endpoint uses it."""
+
+    def network_warning(self, network: Network) -> str:
+        """Something the user should know about a network that was just created (the CLI prints
+        it), e.g. macvlan: another host has a local network on the same subnet."""
+        return ""
+
     def publish_ports(self, network: Network, endpoint: Endpoint, ports: list) -> None:
         raise BadRequest(f"driver {self.name} cannot publish ports")
 

@@ -8,7 +8,9 @@ interface index) is read back, which brings an attach from ~8 ms of netlink to ~
 Messages: veth pair with the peer created straight in a container namespace (named, addressed,
 up, enslaved), interface index by name, link up/down/group/rename, bridge-port hairpin, IPv4
 address, default route, and deletion of a whole interface group in one request (the kernel then
-waits for one RCU grace period for all of them instead of one per interface).
+waits for one RCU grace period for all of them instead of one per interface). For the macvlan
+driver: a macvlan sub-interface created straight in a container namespace, an interface's index
+and flags (is the parent up?), and routes to one destination, added or deleted.
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ NLA_F_NESTED = 0x8000
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
 IFLA_PROTINFO, IFLA_LINKINFO, IFLA_GROUP, IFLA_NET_NS_FD, IFLA_EXT_MASK = 12, 18, 27, 28, 29
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_LINK = 5                 # the lower device of a macvlan (an index in the creating namespace)
+IFLA_MACVLAN_MODE = 1
+MACVLAN_MODES = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8}
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4          # hairpin
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+RTA_PREFSRC = 7
+RTM_DELROUTE = 25
+RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 253, 255
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFF_UP = 0x1
 AF_BRIDGE = 7
@@ -167,6 +175,31 @@ class Rtnl:
     def delete_link(self, index: int) -> None:
         self.request(RTM_DELLINK, NLM_F_ACK, ifinfo(index))
 
+    def link_state(self, name: str) -> tuple[int, int] | None:
+        """(index, flags) of interface `name` (IFF_UP in flags: administratively up), or None."""
+        try:
+            [reply] = self.request(RTM_GETLINK, 0, ifinfo() + name_attr(name) + u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS))
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return None
+            raise
+        _family, _type, index, flags, _change = IFINFOMSG.unpack_from(reply)
+        return index, flags
+
+    def create_macvlan(self, name: str, parent: int, netns_fd: int, mode: str, mac: str | None = None,
+                       mtu: int | None = None) -> None:
+        """A macvlan sub-interface of `parent` (an index here), created directly in the namespace of
+        `netns_fd` as `name`, up. Without `mac` the kernel picks one (passthru takes the parent's)."""
+        attrs = [name_attr(name), u32(IFLA_LINK, parent), u32(IFLA_NET_NS_FD, netns_fd)]
+        if mac:
+            attrs.append(attr(IFLA_ADDRESS, mac_bytes(mac)))
+        if mtu:
+            attrs.append(u32(IFLA_MTU, mtu))
+        attrs.append(nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"macvlan\0"),
+                            nested(IFLA_INFO_DATA, u32(IFLA_MACVLAN_MODE, MACVLAN_MODES[mode]))))
+        self.request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+                     ifinfo(flags=IFF_UP, change=IFF_UP) + b"".join(attrs))
+
     def delete_group(self, group: int) -> None:
         """Delete every interface of `group` in this namespace, in one batch."""
         try:
@@ -182,6 +215,32 @@ class Rtnl:
         self.request(RTM_NEWADDR, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
                      IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
                      + attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed))
+
+    def replace_route(self, dst: str, prefixlen: int, oif: int, gateway: str | None = None,
+                      protocol: int = RTPROT_STATIC, source: str | None = None) -> None:
+        """`dst/prefixlen [via gateway] dev oif [src source] proto protocol` in the main table
+        (scope link without a gateway), replacing a route to the same destination."""
+        attrs = attr(RTA_DST, socket.inet_aton(dst)) + u32(RTA_OIF, oif)
+        if gateway:
+            attrs += attr(RTA_GATEWAY, socket.inet_aton(gateway))
+        if source:
+            attrs += attr(RTA_PREFSRC, socket.inet_aton(source))
+        scope = RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_LINK
+        self.request(RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                     RTMSG.pack(socket.AF_INET, prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, 0) + attrs)
+
+    def delete_route(self, dst: str, prefixlen: int, oif: int | None = None) -> bool:
+        """Delete the main table's route to `dst/prefixlen` (through `oif`, if given); False if
+        there was none."""
+        attrs = attr(RTA_DST, socket.inet_aton(dst)) + (u32(RTA_OIF, oif) if oif else b"")
+        try:
+            self.request(RTM_DELROUTE, NLM_F_ACK,
+                         RTMSG.pack(socket.AF_INET, prefixlen, 0, 0, RT_TABLE_MAIN, 0, RT_SCOPE_NOWHERE, 0, 0) + attrs)
+        except OSError as e:
+            if e.errno in (errno.ESRCH, errno.ENODEV):
+                return False
+            raise
+        return True
 
     def replace_default_route(self, gateway: str, oif: int) -> None:
         self.request(RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
