@@ -1,0 +1,3 @@
+from drivers.macvlan.driver import MacvlanDriver
+
+DRIVER = MacvlanDriver
