@@ -1,0 +1,3 @@
+from drivers.hostgw.driver import HostgwDriver
+
+DRIVER = HostgwDriver
