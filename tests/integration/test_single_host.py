@@ -273,3 +273,30 @@ def test_exited_containers_stay_listed_until_removed(host):
     assert name not in host.netd("ps")
     host.netd("rm", name)
     assert name not in host.netd("ps", "-a")
+
+
+def test_prune_removes_only_unused_user_networks(host):
+    used, unused, name = unique("used"), unique("unused"), unique("pr")
+    host.netd("network", "create", used)
+    host.netd("network", "create", unused)
+    try:
+        sleeper(host, name, "--network", used)
+        out = host.netd("network", "prune")
+        assert unused in out and used not in out
+        names = host.netd("network", "ls")
+        assert used in names and unused not in names and "bridge" in names
+    finally:
+        host.netd("rm", "-f", name)
+        host.netd("network", "rm", used)
+
+
+def test_stop_ends_a_container_and_keeps_its_record(host):
+    name = unique("st")
+    sleeper(host, name)
+    address = host.address(name)
+    assert host.netd("stop", "-t", "1", name) == name
+    state = host.inspect(name)["State"]
+    assert state["Status"] == "exited" and state["ExitCode"] == 137   # SIGKILL after the timeout
+    assert host.inspect(name)["NetworkSettings"]["Networks"] == {}, "its address is given back"
+    assert address not in host.netd("ipam", "inspect", "bridge")
+    host.netd("rm", name)
