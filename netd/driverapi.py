@@ -47,6 +47,29 @@ class JoinInfo:
     set_default_route: bool      # this network provides the container's default gateway
 
 
+@dataclass
+class CapturePoint:
+    """An interface on this host where a network's packets can be seen (netd capture, trace)."""
+
+    kind: str                    # container, veth, bridge, vxlan, transit, underlay, uplink, ...
+    ifname: str
+    netns: str | None = None     # the namespace that holds it (a path); None: the daemon's own
+    label: str = ""              # how people see it, e.g. "br0 in ov-4096"
+    vni: int | None = None
+    # What `netd trace` may check here when a probe stops after this point: "fdb" (the VXLAN
+    # device knows the destination MAC), "route" (this namespace routes the destination).
+    checks: tuple[str, ...] = ()
+
+
+@dataclass
+class Hop:
+    """One step of a packet's path across the cluster, as a driver sees it (netd trace)."""
+
+    host: str                    # the host key (advertise address) the hop is on
+    kind: str                    # a CapturePoint kind
+    endpoint: str = ""           # the endpoint id, for container and veth hops
+
+
 class Driver(abc.ABC):
     name: str = ""
     scope: str = "local"
@@ -125,6 +148,20 @@ class Driver(abc.ABC):
     def inspect(self, network: Network) -> dict:
         """Driver facts for `network inspect` (e.g. the bridge name on this host)."""
         return {}
+
+    def capture_point(self, network: Network, kind: str, endpoint: Endpoint | None = None) -> CapturePoint | None:
+        """Where `kind` of the network (its "bridge", "vxlan", an endpoint's "veth", ...) is on
+        this host, or None if it has no such thing here. "container", "underlay" and "uplink" are
+        the same for every driver and need no answer here (netd.trace finds them)."""
+        return None
+
+    def trace_path(self, network: Network, source: Endpoint, dest: Endpoint | None) -> list[Hop]:
+        """The hops a packet from `source` to `dest` crosses, in order (`dest` None: it leaves
+        the network through its gateway, to an address outside). The default knows only the
+        two containers; drivers name what lies between (see the bridge and overlay drivers)."""
+        if dest is None:
+            return [Hop(source.host, "container", source.id), Hop(source.host, "uplink")]
+        return [Hop(source.host, "container", source.id), Hop(dest.host, "container", dest.id)]
 
     def close(self) -> None:  # noqa: B027
         """The daemon is stopping: stop threads, keep kernel state (containers keep running)."""

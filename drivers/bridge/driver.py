@@ -12,7 +12,7 @@ import errno
 import os
 
 from netd import netlink
-from netd.driverapi import Driver, JoinInfo
+from netd.driverapi import CapturePoint, Driver, Hop, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.model import Endpoint, Network, PortBinding
 from netd.rtnl import Rtnl, retirer
@@ -116,6 +116,26 @@ class BridgeDriver(Driver):
 
     def inspect(self, network: Network) -> dict:
         return {"Bridge": network.driver_state.get("bridge", "")}
+
+    # --- netd capture / trace ---------------------------------------------------------------
+
+    def capture_point(self, network: Network, kind: str, endpoint: Endpoint | None = None) -> CapturePoint | None:
+        bridge = network.driver_state.get("bridge") or self.bridge_name(network)
+        if kind == "bridge":
+            return CapturePoint("bridge", bridge, None, f"{bridge} (bridge)", checks=("route",))
+        if kind == "veth" and endpoint is not None and endpoint.host_ifname:
+            return CapturePoint("veth", endpoint.host_ifname, None,
+                                f"{endpoint.host_ifname} (veth of {endpoint.container_name})")
+        return None
+
+    def trace_path(self, network: Network, source: Endpoint, dest: Endpoint | None) -> list[Hop]:
+        """container -> its veth -> the bridge -> the other veth -> container; or, to an address
+        outside, the bridge -> the host's routing (NAT) -> the uplink."""
+        here = source.host
+        start = [Hop(here, "container", source.id), Hop(here, "veth", source.id), Hop(here, "bridge")]
+        if dest is None:
+            return [*start, Hop(here, "uplink")]
+        return [*start, Hop(here, "veth", dest.id), Hop(here, "container", dest.id)]
 
     # --- endpoints --------------------------------------------------------------------------
 

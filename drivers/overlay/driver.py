@@ -29,7 +29,7 @@ from ipaddress import IPv4Network
 
 from kvstore import KeyExists
 from netd import netlink
-from netd.driverapi import Driver, DriverContext, JoinInfo
+from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.model import Endpoint, Network
 from netd.rtnl import Rtnl, retirer
@@ -247,6 +247,41 @@ class OverlayDriver(Driver):
                          "Peers": sorted(f"{p.address} {p.mac} via {p.host}"
                                          for p in self._peers.get(network.id, {}).values())})
         return info
+
+    # --- netd capture / trace ---------------------------------------------------------------
+
+    def capture_point(self, network: Network, kind: str, endpoint: Endpoint | None = None) -> CapturePoint | None:
+        sandbox = self._sandboxes.get(network.id)
+        if sandbox is None:
+            return None
+        where = os.path.basename(sandbox.netns)
+        if kind == "bridge":
+            return CapturePoint("bridge", "br0", sandbox.netns, f"br0 in {where}", checks=("route",))
+        if kind == "vxlan":
+            return CapturePoint("vxlan", "vxlan0", sandbox.netns, f"vxlan0 in {where}", vni=sandbox.vni,
+                                checks=("fdb",))
+        if kind == "veth" and endpoint is not None and endpoint.host_ifname:
+            return CapturePoint("veth", endpoint.host_ifname, sandbox.netns,
+                                f"{endpoint.host_ifname} in {where} (veth of {endpoint.container_name})")
+        if kind == "transit" and not network.internal:
+            return CapturePoint("transit", sandbox.host_transit, None, f"{sandbox.host_transit} (way out of {where})",
+                                checks=("route",))
+        return None
+
+    def trace_path(self, network: Network, source: Endpoint, dest: Endpoint | None) -> list[Hop]:
+        """container -> veth -> br0 -> vxlan0 -> underlay, across to the destination's host:
+        underlay -> vxlan0 -> br0 -> veth -> container. On one host the bridge joins the two
+        veths; to an address outside, br0 -> gw0/ovh<VNI> -> the host's routing -> uplink."""
+        here = source.host
+        start = [Hop(here, "container", source.id), Hop(here, "veth", source.id), Hop(here, "bridge")]
+        if dest is None:
+            return [*start, Hop(here, "transit"), Hop(here, "uplink")]
+        end = [Hop(dest.host, "veth", dest.id), Hop(dest.host, "container", dest.id)]
+        if dest.host == here:
+            return [*start, *end]
+        there = dest.host
+        return [*start, Hop(here, "vxlan"), Hop(here, "underlay"),
+                Hop(there, "underlay"), Hop(there, "vxlan"), Hop(there, "bridge"), *end]
 
     # --- endpoints --------------------------------------------------------------------------
 
