@@ -251,6 +251,27 @@ def ipam_lookup(ctl: Controller, query, body, address):
     return ctl.ipam_lookup(address)
 
 
+# --- debugging: netd capture and netd trace (netd.debug, netd.trace) -----------------------
+
+@route("GET", "/debug/capture-targets/{target}")
+def debug_capture_target(ctl: Controller, query, body, target):
+    from netd import debug
+    return debug.capture_target(ctl, target, query.get("iface") or None)
+
+
+@route("GET", "/debug/names")
+def debug_names(ctl: Controller, query, body):
+    from netd import debug
+    return debug.names(ctl)
+
+
+@route("POST", "/debug/trace")
+def debug_trace(ctl: Controller, query, body):
+    from netd import trace
+    return trace.run_trace(ctl, _required(body, "Source"), _required(body, "Destination"),
+                           proto=body.get("Proto") or "icmp", size=body.get("Size"), timeout=body.get("Timeout"))
+
+
 def _required(body: dict, field: str) -> str:
     value = body.get(field)
     if not value:

@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_network_commands(sub)
     add_container_commands(sub)
     add_ipam_commands(sub)
+    add_debug_commands(sub)
 
     info = sub.add_parser("info", help="daemon, stores, cluster and firewall status")
     info.add_argument("--format", choices=["table", "json"], default="table")
@@ -488,6 +489,14 @@ def add_ipam_commands(sub) -> None:
     lookup.add_argument("--format", choices=["table", "json"], default="table")
     lookup.add_argument("address")
     lookup.set_defaults(run=cmd_ipam_lookup)
+
+
+def add_debug_commands(sub) -> None:
+    """netd capture and netd trace (netd.debugcli; the work is in netd.capture and netd.trace)."""
+    from netd.debugcli import add_capture_command, add_trace_command
+
+    add_capture_command(sub)
+    add_trace_command(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

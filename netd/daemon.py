@@ -169,6 +169,10 @@ class Daemon:
         )
         self.controller.info_extra = self.info
         self.controller.start()
+        if self.controller.cluster is not None:
+            from netd.trace import TraceAgent  # serves other hosts' `netd trace` (through the store)
+
+            self.trace_agent = TraceAgent(self.controller).start()
         self.server = ApiServer(s.socket_path, self.controller)
         log.info("netd daemon ready on %s (run dir %s, data dir %s)", s.socket_path, s.run_dir, s.data_dir)
 
@@ -200,6 +204,8 @@ class Daemon:
     def _shutdown(self) -> None:
         log.info("netd daemon stopping; containers keep running")
         self.server.server_close()
+        if getattr(self, "trace_agent", None) is not None:
+            self.trace_agent.stop()
         self.controller.close()
         self.local_store.close()
         if self.cluster_store:
