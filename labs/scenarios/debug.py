@@ -1,0 +1,171 @@
+"""Debugging a container network with `netd capture` and `netd trace`, across two hosts.
+
+On an overlay: a capture on a container while it pings a container on another host holds the
+ICMP echo and its reply (checked in the pcap with tcpdump); a capture of the underlay shows VXLAN
+with the network's VNI and the two containers inside; `netd trace` follows a probe through every
+hop of both hosts. Then the path is broken on purpose, once on each side (an FDB entry deleted
+from the VXLAN device, as if the peer had never been programmed), and `netd trace` must name the
+hop where the probe, or its answer, stops, and the missing FDB entry as the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from labs.lab import NETD, Lab, LabError
+from labs.report import Report
+from labs.scenarios import Scenario
+from labs.scenarios.common import container_address, pings, unique, wait_for
+
+SUBNET = "172.16.9.0/24"
+
+
+def run(lab: Lab, report: Report, options: dict) -> None:
+    if len(lab.container_hosts) < 2:
+        report.add("debug", "scenario ran", "-", "-", False, "the debug scenario needs two hosts (--hosts 2)")
+        return
+    first, second = lab.container_hosts[:2]
+    net, a, b = unique("dbg"), unique("dbga"), unique("dbgb")
+    lab.netd(first, "network", "create", "-d", "overlay", "--subnet", SUBNET, net)
+    try:
+        lab.netd(first, "run", "-d", "--name", a, "--network", net, "sleep", "100000")
+        lab.netd(second, "run", "-d", "--name", b, "--network", net, "sleep", "100000")
+        address_b = container_address(lab, second, b, net)
+        address_a = container_address(lab, first, a, net)
+        ready = wait_for(lambda: pings(lab, first, a, b)[0], timeout=15, interval=0.5)
+        report.add("debug", "overlay up", a, b, ready, "ping by name before debugging")
+        vni = json.loads(lab.netd(first, "network", "inspect", net))[0]["Netd"]["VNI"]
+        check_capture_pcap(lab, report, first, a, b, address_b)
+        check_underlay(lab, report, first, a, b, vni, address_a, address_b)
+        check_trace_ok(lab, report, first, a, b)
+        check_broken_fdb(lab, report, first, second, a, b, vni, net)
+    finally:
+        lab.try_netd(first, "rm", "-f", a)
+        lab.try_netd(second, "rm", "-f", b)
+        lab.try_netd(first, "network", "rm", net)
+
+
+def start_capture(lab: Lab, host: str, *args: str) -> subprocess.Popen:
+    """`netd capture ARGS` in the background; returns once it listens (its first stderr line)."""
+    process = lab.hosts[host].popen(NETD + ["capture", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+    line = process.stderr.readline()
+    if not line.startswith("capturing on"):
+        process.kill()
+        out, err = process.communicate()
+        raise LabError(f"{host}$ netd capture {' '.join(args)}: {line}{err}{out}".strip())
+    return process
+
+
+def finish(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+    return process.returncode, out, err
+
+
+def check_capture_pcap(lab: Lab, report: Report, host: str, a: str, b: str, address_b: str) -> None:
+    pcap = os.path.join(lab.tmp, f"{a}.pcap")
+    capture = start_capture(lab, host, a, "-f", "icmp", "-c", "4", "--timeout", "20", "-w", pcap)
+    ok, detail = pings(lab, host, a, b, count=2)
+    code, out, err = finish(capture)
+    lines = out.strip().splitlines()
+    read = lab.sh(host, f"tcpdump -nr {pcap} icmp")
+    requests = read.stdout.count(f"> {address_b}: ICMP echo request")
+    replies = read.stdout.count(f"{address_b} > ") and read.stdout.count("ICMP echo reply")
+    report.add("debug", "capture pcap: echo and reply", a, b,
+               ok and code == 0 and requests >= 1 and replies >= 1 and len(lines) == 4,
+               f"{len(lines)} lines printed; tcpdump -r: {requests} echo request(s), {replies} reply(ies); "
+               f"{lines[0] if lines else err.strip()}")
+    named = [line for line in lines if f"({b})" in line]
+    report.add("debug", "capture names addresses", a, b, bool(named), named[0] if named else out[:200])
+
+
+def check_underlay(lab: Lab, report: Report, host: str, a: str, b: str, vni: int, address_a: str,
+                   address_b: str) -> None:
+    capture = start_capture(lab, host, "underlay", "--format", "json", "-c", "2", "--timeout", "20")
+    pings(lab, host, a, b)
+    code, out, err = finish(capture)
+    packets = [json.loads(line) for line in out.splitlines() if line.strip()]
+    vxlan = [p["Packet"]["VXLAN"] for p in packets if p["Packet"].get("VXLAN")]
+    inner = {(v.get("Inner", {}).get("Src"), v.get("Inner", {}).get("Dst")) for v in vxlan}
+    report.add("debug", "underlay VNI matches", host, b,
+               code == 0 and bool(vxlan) and all(v["VNI"] == vni for v in vxlan)
+               and (address_a, address_b) in inner and (address_b, address_a) in inner,
+               f"network VNI {vni}; captured VNIs {sorted({v['VNI'] for v in vxlan})}; inner {sorted(inner)}")
+
+
+def trace(lab: Lab, host: str, a: str, b: str) -> tuple[int, dict, str]:
+    result = lab.try_netd(host, "trace", a, b, "--format", "json", timeout=90)
+    try:
+        return result.returncode, json.loads(result.stdout), result.stderr.strip()
+    except ValueError:
+        return result.returncode, {}, (result.stderr.strip() or result.stdout.strip())
+
+
+def seen_everywhere(found: dict) -> bool:
+    return bool(found.get("Hops")) and all(h["Request"] and h["Reply"] for h in found["Hops"])
+
+
+def check_trace_ok(lab: Lab, report: Report, host: str, a: str, b: str) -> None:
+    started = time.monotonic()
+    code, found, err = trace(lab, host, a, b)
+    hops = found.get("Hops", [])
+    where = " > ".join(f"{h['Host']}:{h['Interface'] or h['Kind']}" for h in hops)
+    report.add("debug", "trace: every hop both ways", a, b,
+               code == 0 and found.get("Result") == "ok" and len(hops) == 10 and seen_everywhere(found),
+               f"{found.get('Result', err)} in {time.monotonic() - started:.1f} s: {where}")
+    text = lab.try_netd(host, "trace", a, b, timeout=90)
+    report.add("debug", "trace table", a, b, text.returncode == 0 and "the path works" in text.stdout,
+               (text.stdout.strip().splitlines() or [text.stderr.strip()])[-1])
+
+
+def fdb(lab: Lab, host: str, vni: int, verb: str, mac: str, remote: str) -> None:
+    command = (f"nsenter --net=/run/netd/netns/ov-{vni} bridge fdb {verb} {mac} dev vxlan0 dst {remote}"
+               + (" self permanent" if verb == "replace" else ""))
+    result = lab.sh(host, command)
+    if result.returncode != 0:
+        raise LabError(f"{host}$ {command}: {result.stderr.strip()}")
+
+
+def check_broken_fdb(lab: Lab, report: Report, first: str, second: str, a: str, b: str, vni: int,
+                     net: str) -> None:
+    mac_a = json.loads(lab.netd(first, "inspect", a))[0]["NetworkSettings"]["Networks"][net]["MacAddress"]
+    mac_b = json.loads(lab.netd(second, "inspect", b))[0]["NetworkSettings"]["Networks"][net]["MacAddress"]
+    # The way there: the first host forgets where b's MAC lives.
+    fdb(lab, first, vni, "del", mac_b, lab.addresses[second])
+    try:
+        code, found, err = trace(lab, first, a, b)
+        reasons = " ".join(found.get("Reasons", []))
+        lost = found.get("LostAfterHop")
+        hop = found["Hops"][lost - 1] if lost else {}
+        report.add("debug", "trace names the broken hop", first, b,
+                   code == 1 and found.get("Result") == "request lost" and hop.get("Kind") == "vxlan"
+                   and hop.get("Host") == lab.addresses[first] and "no FDB entry" in reasons and mac_b in reasons,
+                   f"{found.get('Result', err)} after hop {lost} ({hop.get('Label')} on {hop.get('Host')}): {reasons}")
+    finally:
+        fdb(lab, first, vni, "replace", mac_b, lab.addresses[second])
+    # The way back: the second host forgets where a's MAC lives; the answer stops there.
+    fdb(lab, second, vni, "del", mac_a, lab.addresses[first])
+    try:
+        code, found, err = trace(lab, first, a, b)
+        reasons = " ".join(found.get("Reasons", []))
+        lost = found.get("LostAfterHop")
+        hop = found["Hops"][lost - 1] if lost else {}
+        report.add("debug", "trace names the broken hop (answer)", b, a,
+                   code == 1 and found.get("Result") == "reply lost" and hop.get("Kind") == "vxlan"
+                   and hop.get("Host") == lab.addresses[second] and "no FDB entry" in reasons and mac_a in reasons,
+                   f"{found.get('Result', err)} after hop {lost} ({hop.get('Label')} on {hop.get('Host')}): {reasons}")
+    finally:
+        fdb(lab, second, vni, "replace", mac_a, lab.addresses[first])
+    ok, detail = pings(lab, first, a, b)
+    report.add("debug", "path repaired", a, b, ok, detail)
+
+
+SCENARIO = Scenario("debug", "netd capture and netd trace on an overlay: pcap, VNI, a broken FDB entry found", run,
+                    default_hosts=2)
