@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 from netd.debugcli import DEFAULT_SIZE, DEFAULT_TIMEOUT
 from netd.errors import BadRequest, Conflict, NetdError, NotFound
-from netd.packets import Names, Probe
+from netd.packets import Probe
 
 log = logging.getLogger("netd.trace")
 
@@ -154,11 +154,10 @@ def make_probe(plan: Plan, proto: str, port: int, size: int) -> Probe:
 
 
 def probe_filter(probe: Probe, kind: str) -> str:
-    if kind == "underlay":
-        return VXLAN_FILTER
-    if probe.proto == "icmp":
-        return "icmp"
-    return f"{probe.proto} port {probe.dport} or icmp"
+    plain = "icmp" if probe.proto == "icmp" else f"{probe.proto} port {probe.dport} or icmp"
+    if kind == "underlay":   # wrapped in VXLAN (overlay) or as it is (hostgw, routed)
+        return f"{VXLAN_FILTER} or {plain}"
+    return plain
 
 
 # --- one host's part: workers, counters, facts ------------------------------------------------
@@ -689,7 +688,8 @@ def _seen(record: dict | None, sent_at) -> dict | None:
 
 
 def diagnose(plan: Plan, probe: Probe, rows: list[dict], sent_at, send_error) -> tuple[str, int | None, list[str]]:
-    """("ok" | "request lost" | "reply lost" | "not sent", the last hop (1-based) that saw it, reasons)."""
+    """(result, the last hop (1-based) that saw it, reasons). Results: "ok" (the answer came back),
+    "refused" (the answer is an ICMP error), "request lost", "reply lost", "not sent"."""
     if send_error is not None:
         errno_name = {90: "EMSGSIZE", 101: "ENETUNREACH", 113: "EHOSTUNREACH", 1: "EPERM"}.get(send_error.get("Errno"))
         reasons = [f"the container could not send the probe: {send_error.get('SendError')}"]
@@ -706,15 +706,20 @@ def diagnose(plan: Plan, probe: Probe, rows: list[dict], sent_at, send_error) ->
     last = len(rows) - 1
     request_seen = [r["Request"] is not None for r in rows]
     reply_seen = [r["Reply"] is not None for r in rows]
-    if reply_seen[0]:
-        how = rows[0]["Reply"]["How"]
-        if probe.proto == "tcp" and "RST" in (how or ""):
-            return "ok", None, [f"the answer is a TCP reset: nothing listens on port {probe.dport} of {probe.dst}"]
-        if how and ("unreachable" in how or "exceeded" in how):
-            return "ok", None, [f"the answer is an ICMP error: {how}"]
-        return "ok", None, []
-    # The request: the first hop that did not see it, after the last that did.
     reached = max((i for i, seen in enumerate(request_seen) if seen), default=-1)
+    if reply_seen[0]:
+        answer = rows[0]["Reply"]
+        how = answer["How"] or ""
+        if probe.proto == "tcp" and "RST" in how:
+            return "ok", None, [f"the answer is a TCP reset: nothing listens on port {probe.dport} of {probe.dst}"]
+        if not any(word in how for word in ("unreachable", "exceeded", "need to fragment")):
+            return "ok", None, []
+        reasons = [f"{answer['Src']} answered with an ICMP error: {how}"]
+        if "need to fragment" in how:
+            reasons.append(f"MTU: the probe ({probe.size} bytes, don't fragment) is larger than a link on the way")
+        reasons += [r for r in _why(plan, probe, rows, reached, reached + 1, "request") if not r.startswith(NOTHING_FOUND)]
+        return "refused", reached + 1 if reached >= 0 else 0, reasons
+    # The request: the first hop that did not see it, after the last that did.
     if reached < last:
         reasons = _why(plan, probe, rows, reached, reached + 1, "request")
         return "request lost", reached + 1 if reached >= 0 else 0, reasons
@@ -820,12 +825,11 @@ def cmd_trace(client, args) -> int:
     if args.format == "json":
         print(json.dumps(report, indent=4))
     else:
-        names = Names.from_json(client.request("GET", "/debug/names"))
-        print(format_report(report, names))
+        print(format_report(report))
     return 0 if report["Result"] == "ok" else 1
 
 
-def format_report(report: dict, names: Names) -> str:
+def format_report(report: dict) -> str:
     src, dst, net, probe = report["Source"], report["Destination"], report["Network"], report["Probe"]
     what = {"icmp": "ICMP echo", "tcp": f"TCP SYN to port {probe['dport']}",
             "udp": f"UDP to port {probe['dport']}"}[probe["proto"]]
@@ -835,6 +839,8 @@ def format_report(report: dict, names: Names) -> str:
              f"  over network {net['Name']} ({net['Driver']}{vni}), {what}, {probe['size']} bytes"]
     if report.get("Note"):
         lines.append(f"  note: {report['Note']}")
+    if len({hop["Host"] for hop in report["Hops"]}) > 1:
+        lines.append("  (times: since the probe was sent, read on each host's own clock)")
     lines.append("")
     rows = []
     for hop in report["Hops"]:
@@ -852,24 +858,29 @@ def format_report(report: dict, names: Names) -> str:
     elif result == "not sent":
         lines.append("the probe was not sent")
     else:
-        after = report["LostAfterHop"]
-        hops = report["Hops"]
-        if result == "request lost":
-            if after == 0:
-                lines.append(f"probe lost before hop 1 ({hops[0]['Label']})")
-            else:
-                nxt = f", before hop {after + 1} ({hops[after]['Label']} on {hops[after]['Host']})" \
-                    if after < len(hops) else ""
-                lines.append(f"probe lost after hop {after} ({hops[after - 1]['Label']} on {hops[after - 1]['Host']})"
-                             + nxt)
-        else:
-            prev = after - 1
-            nxt = f", before hop {prev} ({hops[prev - 1]['Label']} on {hops[prev - 1]['Host']})" if prev >= 1 else ""
-            lines.append(f"answer lost after hop {after} ({hops[after - 1]['Label']} on {hops[after - 1]['Host']})"
-                         + nxt if after <= len(hops) else "answer lost")
+        lines.append(_verdict(report))
     for reason in report["Reasons"]:
         lines.append(f"  - {reason}")
     return "\n".join(lines)
+
+
+def _verdict(report: dict) -> str:
+    """Where it stopped, in words: "probe lost after hop 4 (vxlan0 on 10.10.0.1), before hop 5 (...)"."""
+    after, hops, result = report["LostAfterHop"] or 0, report["Hops"], report["Result"]
+
+    def hop(number: int) -> str:
+        return f"hop {number} ({hops[number - 1]['Label']} on {hops[number - 1]['Host']})"
+
+    if result == "refused":
+        where = f"got as far as {hop(after)}" if after else "never appeared on the way"
+        return f"the probe {where}; the answer was an ICMP error"
+    if result == "request lost":
+        if after == 0:
+            return f"probe lost before {hop(1)}: the container did not send it out"
+        return f"probe lost after {hop(after)}" + (f", before {hop(after + 1)}" if after < len(hops) else "")
+    if hops[after - 1]["Reply"] is None:
+        return f"the probe reached {hop(after)}, but no answer came back"
+    return f"answer lost after {hop(after)}" + (f", before {hop(after - 1)}" if after > 1 else "")
 
 
 def _cell(seen: dict | None) -> str:

@@ -56,7 +56,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from kvstore import KeyExists, KVPair, Lease, LeaseKeeper, StoreError, VersionConflict
 from kvstore.mirror import Mirror
 from netd import netlink
-from netd.driverapi import Driver, DriverContext, JoinInfo
+from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.ipam import IPAM, parse_subnet
 from netd.model import GLOBAL, Endpoint, Network, now
@@ -703,6 +703,33 @@ class HostgwDriver(Driver):
                     continue
                 found.append(IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
         return found
+
+    # --- netd capture / trace ---------------------------------------------------------------
+
+    def capture_point(self, network: Network, kind: str, endpoint: Endpoint | None = None) -> CapturePoint | None:
+        with self._lock:
+            part = self._parts.get(network.id)
+        if part is None:
+            return None
+        if kind == "bridge":
+            return CapturePoint("bridge", part.bridge, None, f"{part.bridge} (bridge of {part.subnet})",
+                                checks=("route",))
+        if kind == "veth" and endpoint is not None and endpoint.host_ifname:
+            return CapturePoint("veth", endpoint.host_ifname, None,
+                                f"{endpoint.host_ifname} (veth of {endpoint.container_name})")
+        return None
+
+    def trace_path(self, network: Network, source: Endpoint, dest: Endpoint | None) -> list[Hop]:
+        """container -> veth -> bridge -> (this host's route to the peer's part) -> underlay, and
+        on the peer: underlay -> bridge -> veth -> container; packets go unencapsulated."""
+        here = source.host
+        start = [Hop(here, "container", source.id), Hop(here, "veth", source.id), Hop(here, "bridge")]
+        if dest is None:
+            return [*start, Hop(here, "uplink")]
+        end = [Hop(dest.host, "veth", dest.id), Hop(dest.host, "container", dest.id)]
+        if dest.host == here:
+            return [*start, *end]
+        return [*start, Hop(here, "underlay"), Hop(dest.host, "underlay"), Hop(dest.host, "bridge"), *end]
 
     # --- inspect ----------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ from ipaddress import IPv4Network
 
 from kvstore import KeyExists, KVStore, StoreError, VersionConflict
 from netd import netlink
-from netd.driverapi import Driver, DriverContext, JoinInfo
+from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.ipam import IPAM
 from netd.model import GLOBAL, LOCAL, Endpoint, Network, now
@@ -299,6 +299,25 @@ class MacvlanDriver(Driver):
             info["HostAccess"] = ({"Interface": shim[0], "Address": shim[1]} if shim
                                   else "none on this host yet: made with its first container here")
         return info
+
+    # --- netd capture / trace ---------------------------------------------------------------
+
+    def capture_point(self, network: Network, kind: str, endpoint: Endpoint | None = None) -> CapturePoint | None:
+        if kind == "parent":
+            parent = self.parent(network)
+            return CapturePoint("parent", parent, None, f"{parent} (macvlan parent)", checks=("route",))
+        return None
+
+    def trace_path(self, network: Network, source: Endpoint, dest: Endpoint | None) -> list[Hop]:
+        """container -> the parent's wire -> (the other host's parent) -> container. Between two
+        containers of one host (bridge mode) the frame never reaches the parent: no hop between."""
+        here = source.host
+        if dest is None:
+            return [Hop(here, "container", source.id), Hop(here, "parent")]
+        if dest.host == here:
+            return [Hop(here, "container", source.id), Hop(here, "container", dest.id)]
+        return [Hop(here, "container", source.id), Hop(here, "parent"), Hop(dest.host, "parent"),
+                Hop(dest.host, "container", dest.id)]
 
     # --- endpoints --------------------------------------------------------------------------
 
