@@ -288,8 +288,9 @@ def point_facts(point, macs: list[str], addresses: list[str]) -> dict:
 def _route(ipr, address: str) -> dict:
     try:
         found = ipr.route("get", dst=address)
-    except Exception as e:  # noqa: BLE001 - pyroute2's NetlinkError: unreachable, prohibited...
-        return {"Error": str(getattr(e, "args", [None, str(e)])[-1])}
+    except Exception as e:  # noqa: BLE001 - pyroute2's NetlinkError: what the route says, by errno
+        code = getattr(e, "code", None)
+        return {"Error": ROUTE_ERRORS.get(code, f"no route ({getattr(e, 'args', [None, e])[-1]})")}
     if not found:
         return {"Error": "no route"}
     route = found[0]
@@ -301,6 +302,9 @@ def _route(ipr, address: str) -> dict:
     return {"Via": via, "Gateway": route.get_attr("RTA_GATEWAY") or "", "Type": route["type"]}
 
 
+# `ip route get` fails with these when the matching route is not a unicast one
+ROUTE_ERRORS = {22: "a blackhole route drops it", 113: "an unreachable route refuses it",
+                13: "a prohibit route refuses it", 101: "no route (network unreachable)"}
 NUD_STATES = {0x01: "INCOMPLETE", 0x02: "REACHABLE", 0x04: "STALE", 0x08: "DELAY", 0x10: "PROBE", 0x20: "FAILED",
               0x40: "NOARP", 0x80: "PERMANENT"}
 
@@ -808,7 +812,7 @@ def _firewall_reasons(counters: dict, host: str) -> list[str]:
 def _route_reasons(row: dict, address: str, who: str) -> list[str]:
     route = ((row.get("Facts") or {}).get("Routes") or {}).get(address)
     if route and route.get("Error"):
-        return [f"no route: {who} has no route to {address} ({route['Error']})"]
+        return [f"route: on {who}, the route to {address}: {route['Error']}"]
     if route and route.get("Type") not in (None, 1):
         kinds = {2: "local", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
         return [f"{who} routes {address} to a {kinds.get(route['Type'], route['Type'])} route"]

@@ -5,7 +5,9 @@ ICMP echo and its reply (checked in the pcap with tcpdump); a capture of the und
 with the network's VNI and the two containers inside; `netd trace` follows a probe through every
 hop of both hosts. Then the path is broken on purpose, once on each side (an FDB entry deleted
 from the VXLAN device, as if the peer had never been programmed), and `netd trace` must name the
-hop where the probe, or its answer, stops, and the missing FDB entry as the reason.
+hop where the probe, or its answer, stops, and the missing FDB entry as the reason. Then, where
+the drivers exist, the same trace on hostgw (and a blackhole route found at the bridge's hop) and
+on a global macvlan network.
 """
 
 from __future__ import annotations
@@ -46,6 +48,68 @@ def run(lab: Lab, report: Report, options: dict) -> None:
         lab.try_netd(first, "rm", "-f", a)
         lab.try_netd(second, "rm", "-f", b)
         lab.try_netd(first, "network", "rm", net)
+    check_other_drivers(lab, report, first, second)
+
+
+def two_containers(lab: Lab, first: str, second: str, net: str, prefix: str) -> tuple[str, str]:
+    a, b = unique(prefix), unique(prefix)
+    for host in (first, second):
+        wait_for(lambda h=host: lab.try_netd(h, "network", "inspect", net).returncode == 0, timeout=10)
+    lab.netd(first, "run", "-d", "--name", a, "--network", net, "sleep", "100000")
+    lab.netd(second, "run", "-d", "--name", b, "--network", net, "sleep", "100000")
+    wait_for(lambda: pings(lab, first, a, container_address(lab, second, b, net))[0], timeout=15, interval=0.5)
+    return a, b
+
+
+def check_other_drivers(lab: Lab, report: Report, first: str, second: str) -> None:
+    """hostgw (routed, unwrapped) and global macvlan (the parent's wire): the same trace, their own
+    hops; on hostgw a blackhole route for the destination is found at the bridge's hop."""
+    drivers = json.loads(lab.netd(first, "info", "--format", "json")).get("Drivers", [])
+    if "hostgw" in drivers:
+        net = unique("dbghg")
+        lab.netd(first, "network", "create", "-d", "hostgw", "--subnet", "10.246.0.0/16", net)
+        a = b = ""
+        try:
+            a, b = two_containers(lab, first, second, net, "dbgh")
+            code, found, err = trace(lab, first, a, b)
+            kinds = [h["Kind"] for h in found.get("Hops", [])]
+            report.add("debug", "trace hostgw: every hop both ways", a, b,
+                       code == 0 and seen_everywhere(found) and kinds == [
+                           "container", "veth", "bridge", "underlay", "underlay", "bridge", "veth", "container"],
+                       f"{found.get('Result', err)}: {' > '.join(kinds)}")
+            address_b = container_address(lab, second, b, net)
+            blackhole = f"ip route add blackhole {address_b}/32"
+            lab.sh(first, blackhole)
+            try:
+                code, found, err = trace(lab, first, a, b)
+            finally:
+                lab.sh(first, f"ip route del blackhole {address_b}/32")
+            lost = found.get("LostAfterHop")
+            reasons = " ".join(found.get("Reasons", []))
+            report.add("debug", "trace hostgw finds a blackhole route", a, b,
+                       code == 1 and found.get("Result") == "request lost" and lost
+                       and found["Hops"][lost - 1]["Kind"] == "bridge" and "blackhole" in reasons,
+                       f"{found.get('Result', err)} after hop {lost}: {reasons}")
+        finally:
+            lab.try_netd(first, "rm", "-f", a)
+            lab.try_netd(second, "rm", "-f", b)
+            lab.try_netd(first, "network", "rm", net)
+    if "macvlan" in drivers:
+        net = unique("dbgmv")
+        lab.netd(first, "network", "create", "-d", "macvlan", "--scope", "global", "--subnet", "10.10.0.0/24",
+                 "--gateway", "10.10.0.254", "--ip-range", "10.10.0.224/28", "-o", "parent=eth0", net)
+        a = b = ""
+        try:
+            a, b = two_containers(lab, first, second, net, "dbgm")
+            code, found, err = trace(lab, first, a, b)
+            kinds = [h["Kind"] for h in found.get("Hops", [])]
+            report.add("debug", "trace macvlan: every hop both ways", a, b,
+                       code == 0 and seen_everywhere(found) and kinds == ["container", "parent", "parent", "container"],
+                       f"{found.get('Result', err)}: {' > '.join(kinds)}")
+        finally:
+            lab.try_netd(first, "rm", "-f", a)
+            lab.try_netd(second, "rm", "-f", b)
+            lab.try_netd(first, "network", "rm", net)
 
 
 def start_capture(lab: Lab, host: str, *args: str) -> subprocess.Popen:
