@@ -84,6 +84,9 @@ class Frame:
 def compile_filter(expression: str) -> bytes:
     """The classic BPF program of a tcpdump filter expression, as `struct sock_filter[]` bytes.
     Raises BadRequest with libpcap's message if the expression is wrong."""
+    from netd.packets import quiet_scapy
+
+    quiet_scapy()
     try:
         from scapy.arch.common import compile_filter as scapy_compile
         from scapy.error import Scapy_Exception
@@ -185,6 +188,18 @@ class Sniffer:
                 if frame is not None:
                     yield frame
 
+    def drain(self) -> Iterator[Frame]:
+        """The frames already queued on the sockets, without waiting (after Ctrl-C: they were
+        seen before the user stopped, so they belong in the output and the pcap)."""
+        while self.sockets:
+            readable, _, _ = select.select(list(self.sockets), [], [], 0)
+            if not readable:
+                return
+            for fd in readable:
+                frame = self._receive(fd)
+                if frame is not None:
+                    yield frame
+
     def _receive(self, fd: int) -> Frame | None:
         sock, point = self.sockets[fd]
         try:
@@ -222,6 +237,9 @@ class PcapFile:
     """A pcap file (Ethernet) that is complete after every packet: scapy's RawPcapWriter, unbuffered."""
 
     def __init__(self, path: str):
+        from netd.packets import quiet_scapy
+
+        quiet_scapy()
         from scapy.utils import RawPcapWriter
 
         directory = os.path.dirname(os.path.abspath(path))
@@ -258,38 +276,89 @@ def cmd_capture(client, args) -> int:
     target = client.request("GET", f"/debug/capture-targets/{q(args.target)}", query=query)
     names = packets.Names.from_json(client.request("GET", "/debug/names"))
     expression = args.filter if args.filter is not None else target.get("Filter", "")
-    points = [Point(p["Netns"], p["Interface"], p["Label"], expression) for p in target["Points"]]
+    # Lines name a container's interface "web:eth0", any other by its own name (br0, vxlan0, eth0).
+    points = [Point(p["Netns"], p["Interface"], p["Label"] if p.get("Kind") == "container" else p["Interface"],
+                    expression) for p in target["Points"]]
+    described = ", ".join(p["Label"] for p in target["Points"])
     if expression:
         compile_filter(expression)   # a bad filter is one line of error, before anything is opened
     sniffer = Sniffer(points).open()
     pcap = None
     count = 0
+    stop = Interrupts().install()
     try:
         pcap = PcapFile(args.write) if args.write else None
-        where = ", ".join(p.label for p in points)
-        print(f"capturing on {target['Description']}: {where}"
+        print(f"capturing on {target['Description']}: {described}"
               + (f", filter {expression!r}" if expression else "")
               + (f", writing {args.write}" if args.write else "") + " (Ctrl-C to stop)", file=sys.stderr, flush=True)
         for frame in sniffer.frames(timeout=args.timeout):
-            summary = packets.dissect(frame.data)
-            record = {"Time": frame.time, "Interface": frame.label, "Direction": frame.direction, "Packet": summary}
-            if pcap is not None:
-                pcap.write(frame)
-            if args.format == "json":
-                print(json.dumps({**record, "Packet": packets.annotate(summary, names)}), flush=True)
-            else:
-                print(packets.format_line(record, names), flush=True)
-            count += 1
+            with stop.deferred():
+                count += 1
+                show(frame, pcap, names, args.format)
             if args.count and count >= args.count:
                 break
     except KeyboardInterrupt:
-        pass
+        stop.ignore()
+        for frame in sniffer.drain():
+            if args.count and count >= args.count:
+                break
+            count += 1
+            show(frame, pcap, names, args.format)
     finally:
+        stop.ignore()
         sniffer.close()
         if pcap is not None:
             pcap.close()
     print(f"{count} packet{'s' if count != 1 else ''} captured", file=sys.stderr)
     return 0
+
+
+class Interrupts:
+    """Ctrl-C (and SIGTERM) end a capture between two packets, never in the middle of writing
+    one: inside `deferred()` the signal waits until the packet is written."""
+
+    def __init__(self):
+        self.deferring = False
+        self.pending = False
+
+    def install(self) -> Interrupts:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def ignore(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferring:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+def show(frame: Frame, pcap: PcapFile | None, names, output: str) -> None:
+    """One captured frame: into the pcap file, and a line (or a JSON object) on stdout."""
+    from netd import packets
+
+    if pcap is not None:
+        pcap.write(frame)
+    summary = packets.dissect(frame.data)
+    record = {"Time": frame.time, "Interface": frame.label, "Direction": frame.direction, "Packet": summary}
+    if output == "json":
+        print(json.dumps({**record, "Packet": packets.annotate(summary, names)}), flush=True)
+    else:
+        print(packets.format_line(record, names), flush=True)
 
 
 # --- the worker (what the daemon runs for `netd trace`) -------------------------------------

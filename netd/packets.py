@@ -43,8 +43,17 @@ class Names:
         return self.addresses.get(address or "", "")
 
 
+def quiet_scapy() -> None:
+    """scapy logs warnings about the namespace it is imported in (no IPv4 route...): netd does not
+    use those tables, and its users should not read about them."""
+    import logging
+
+    logging.getLogger("scapy").setLevel(logging.ERROR)
+
+
 def _layers():
     """scapy's layer classes, imported on first use (the CLI's other commands never pay for it)."""
+    quiet_scapy()
     from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import ARP, Ether

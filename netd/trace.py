@@ -33,8 +33,9 @@ cluster already works (secure the store, with etcd's client TLS, and trace is se
 And a request is only data: a network id, hop kinds, endpoint ids of that network on that host,
 and the probe's addresses, ports and ids. The receiving daemon resolves the hops with its own
 state, builds the BPF filter itself, captures for at most MAX_SECONDS, reports only the headers
-of packets that match the probe, and serves MAX_CONCURRENT requests at a time: a store writer can
-learn no more than whether a given 5-tuple crosses a host for a few seconds.
+of packets that match the probe (plus, for its own hops, interface counters and whether it has a
+route and FDB entry for the probe's two addresses and MACs), and serves MAX_CONCURRENT requests at
+a time: a store writer learns no more than whether one given flow crosses a host for a few seconds.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ def run(lab: Lab, report: Report, options: dict) -> None:
         vni = json.loads(lab.netd(first, "network", "inspect", net))[0]["Netd"]["VNI"]
         check_capture_pcap(lab, report, first, a, b, address_b)
         check_underlay(lab, report, first, a, b, vni, address_a, address_b)
+        check_vxlan_device(lab, report, second, a, b, net, address_a)
         check_trace_ok(lab, report, first, a, b)
         check_broken_fdb(lab, report, first, second, a, b, vni, net)
     finally:
@@ -162,6 +163,17 @@ def check_underlay(lab: Lab, report: Report, host: str, a: str, b: str, vni: int
                code == 0 and bool(vxlan) and all(v["VNI"] == vni for v in vxlan)
                and (address_a, address_b) in inner and (address_b, address_a) in inner,
                f"network VNI {vni}; captured VNIs {sorted({v['VNI'] for v in vxlan})}; inner {sorted(inner)}")
+
+
+def check_vxlan_device(lab: Lab, report: Report, host: str, a: str, b: str, net: str, address_a: str) -> None:
+    """On the other host, the overlay's VXLAN device shows the inner frames, unwrapped."""
+    capture = start_capture(lab, host, f"vxlan:{net}", "-f", "icmp", "-c", "2", "--timeout", "20")
+    pings(lab, lab.container_hosts[0], a, b)
+    code, out, err = finish(capture)
+    lines = out.strip().splitlines()
+    report.add("debug", "capture vxlan device", host, net,
+               code == 0 and len(lines) == 2 and " vxlan0 " in lines[0] and f"{address_a} ({a})" in lines[0],
+               lines[0] if lines else err.strip())
 
 
 def trace(lab: Lab, host: str, a: str, b: str) -> tuple[int, dict, str]:
