@@ -128,14 +128,23 @@ class Sniffer:
         self.points = points
         self.promiscuous = promiscuous
         self.sockets: dict[int, tuple[socket.socket, Point]] = {}
+        self.failed: dict[str, str] = {}
 
-    def open(self) -> Sniffer:
+    def open(self, tolerant: bool = False) -> Sniffer:
+        """Open every point; `tolerant`: a point that cannot be opened (its interface or namespace
+        is gone) is left out and its error kept in `self.failed`, the others are opened."""
         programs: dict[str, bytes] = {}
         try:
             for point in self.points:
                 if point.filter and point.filter not in programs:
                     programs[point.filter] = compile_filter(point.filter)
-                sock = self._open_one(point, programs.get(point.filter))
+                try:
+                    sock = self._open_one(point, programs.get(point.filter))
+                except (NetdError, OSError) as e:
+                    if not tolerant:
+                        raise
+                    self.failed[point.label] = getattr(e, "message", None) or str(e)
+                    continue
                 self.sockets[sock.fileno()] = (sock, point)
         except BaseException:
             self.close()
@@ -378,6 +387,7 @@ class Worker:
         self.ready = threading.Event()
         self.finished = threading.Event()
         self.error: str | None = None
+        self.failed: dict[str, str] = {}     # capture point label -> why it could not be opened
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.process: subprocess.Popen | None = None
@@ -411,6 +421,7 @@ class Worker:
                 if "Record" in message:
                     self.records.append(message["Record"])
                 elif "Ready" in message:
+                    self.failed = message.get("Failed") or {}
                     self.ready.set()
                 elif "Error" in message:
                     self.error = message["Error"]
@@ -483,14 +494,14 @@ def worker_main() -> int:
         probe = packets.Probe.from_json(spec["Probe"]) if spec.get("Probe") else None
         seconds = min(float(spec.get("Seconds") or 10), 60.0)
         sender = ProbeSender(probe, spec["Send"]["Netns"]) if spec.get("Send") and probe else None
-        sniffer = Sniffer(points).open()
+        sniffer = Sniffer(points).open(tolerant=True)
     except NetdError as e:
         say({"Error": e.message})
         return 1
     except Exception as e:  # noqa: BLE001 - reported to the daemon as one line
         say({"Error": f"{type(e).__name__}: {e}"})
         return 1
-    say({"Ready": True})
+    say({"Ready": True, "Failed": sniffer.failed})
     deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
@@ -516,6 +527,8 @@ def worker_main() -> int:
                     stop = True
             if stop:
                 break
+    except NetdError as e:   # every interface went away: report what was seen
+        say({"Lost": e.message})
     finally:
         sniffer.close()
         if sender is not None:

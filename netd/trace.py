@@ -120,7 +120,7 @@ def plan_trace(ctl, source: str, destination: str) -> Plan:
         if network.ipam and ipaddress.IPv4Address(destination) in ipaddress.IPv4Network(network.ipam.subnet):
             plan = _plan(ctl, network, endpoint, None, destination)
             plan.hops = plan.hops[:3]
-            plan.note = f"no container holds {destination} on network {network.name}"
+            plan.note = f"no container netd knows of holds {destination} on network {network.name}"
             return plan
     endpoint, network = next(((e, n) for e, n in networks if e.gateway), networks[0])
     return _plan(ctl, network, endpoint, None, destination)
@@ -215,8 +215,13 @@ class HostPart:
     def report(self, macs: list[str], addresses: list[str]) -> dict[int, dict]:
         """Per hop: label, records, counter changes, MTU, facts for the checks the point asks for."""
         records = self.worker.records if self.worker is not None else []
+        failed = self.worker.failed if self.worker is not None else {}
         hops: dict[int, dict] = {}
         for index, point in self.points.items():
+            if str(index) in failed:
+                hops[index] = {"Label": point.label, "Kind": point.kind, "Interface": point.ifname, "Records": [],
+                               "Error": f"cannot capture on {point.label}: {failed[str(index)]}"}
+                continue
             after = link_facts(point)
             before = self.before.get(index, {})
             hop = {"Label": point.label, "Kind": point.kind, "Interface": point.ifname, "MTU": after.get("MTU"),
@@ -782,6 +787,9 @@ def _why(plan: Plan, probe: Probe, rows: list[dict], seen: int, missed: int, dir
         if row is not None and row.get("Dropped"):
             counters = ", ".join(f"{k} +{v}" for k, v in row["Dropped"].items())
             reasons.append(f"drop counters of {row['Label']} on host {row['Host']} went up during the trace: {counters}")
+    if cur["Kind"] == "underlay" and nxt is not None and nxt["Kind"] == "vxlan" and not nxt.get("Error"):
+        reasons.append(f"the VXLAN packet reached host {cur['Host']} but not its VXLAN device: a firewall there "
+                       f"dropping UDP port 4789 (input), or a VNI other than {plan.network.driver_state.get('vni')}")
     if cur["Kind"] == "underlay" and nxt is not None and nxt["Kind"] == "underlay":
         reasons.append(f"lost on the underlay between {cur['Host']} and {nxt['Host']}: a link, a switch or a "
                        "firewall in between (VXLAN needs UDP port 4789 open between the hosts)")
