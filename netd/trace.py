@@ -92,6 +92,8 @@ def plan_trace(ctl, source: str, destination: str) -> Plan:
     from netd.debug import is_ipv4
 
     container = _source_container(ctl, source)
+    if container.state != "running":
+        raise Conflict(f"container {container.name} is not running: start it, or trace from another one")
     owner = ctl.containers.get(container.shares_netns_of, container) if container.shares_netns_of else container
     endpoints = [e for e in ctl.container_endpoints(owner) if e.address and e.ifname]
     if not owner.netns:
@@ -119,7 +121,7 @@ def plan_trace(ctl, source: str, destination: str) -> Plan:
     for endpoint, network in networks:
         if network.ipam and ipaddress.IPv4Address(destination) in ipaddress.IPv4Network(network.ipam.subnet):
             plan = _plan(ctl, network, endpoint, None, destination)
-            plan.hops = plan.hops[:3]
+            plan.hops = [h for h in plan.hops if h.kind not in ("transit", "uplink")]   # it stays on the network
             plan.note = f"no container netd knows of holds {destination} on network {network.name}"
             return plan
     endpoint, network = next(((e, n) for e, n in networks if e.gateway), networks[0])
@@ -131,7 +133,9 @@ def _source_container(ctl, source: str):
         return ctl.get_container(source)
     except NotFound:
         if ctl.cluster is not None:
-            for network in list(ctl.networks.values()):
+            with ctl.lock:
+                networks = list(ctl.networks.values())
+            for network in networks:
                 if network.scope != "global":
                     continue
                 for endpoint in ctl.network_endpoints(network):
@@ -283,7 +287,7 @@ def point_facts(point, macs: list[str], addresses: list[str]) -> dict:
                 neighbours = {}
                 for address, route in facts["Routes"].items():
                     hop = route.get("Gateway") or address
-                    if route.get("Via"):
+                    if route.get("Via") and route.get("Type") == 1:   # unicast, not this namespace's own address
                         neighbours[hop] = _neighbour_state(ipr, hop)
                 facts["Neighbours"] = neighbours
     except OSError as e:
@@ -724,6 +728,9 @@ def diagnose(plan: Plan, probe: Probe, rows: list[dict], sent_at, send_error) ->
             return "ok", None, [f"the answer is a TCP reset: nothing listens on port {probe.dport} of {probe.dst}"]
         if not any(word in how for word in ("unreachable", "exceeded", "need to fragment")):
             return "ok", None, []
+        if "(port)" in how and answer["Src"] == probe.dst:   # the destination itself: it got there
+            return "ok", None, [f"the answer is ICMP port unreachable from {probe.dst}: nothing listens on "
+                                f"{probe.proto.upper()} port {probe.dport} there"]
         reasons = [f"{answer['Src']} answered with an ICMP error: {how}"]
         if "need to fragment" in how:
             reasons.append(f"MTU: the probe ({probe.size} bytes, don't fragment) is larger than a link on the way")
@@ -764,8 +771,11 @@ def _why(plan: Plan, probe: Probe, rows: list[dict], seen: int, missed: int, dir
         first = rows[0]
         reasons.append(f"{plan.source.container_name} sent the probe but it never appeared on "
                        f"{plan.source.ifname}")
-        for address, state in (first.get("Facts", {}).get("Neighbours") or {}).items():
-            if state in ("INCOMPLETE", "FAILED", "none"):
+        facts = first.get("Facts", {})
+        route = (facts.get("Routes") or {}).get(target) or {}
+        next_hop = route.get("Gateway") or target
+        for address, state in (facts.get("Neighbours") or {}).items():
+            if address == next_hop and state in ("INCOMPLETE", "FAILED", "none"):
                 reasons.append(f"no ARP answer: {plan.source.container_name} could not find the MAC of {address} "
                                f"(neighbour entry {state})" + (f": {plan.note}" if plan.note else ""))
         reasons += _route_reasons(first, target, plan.source.container_name)
@@ -822,9 +832,6 @@ def _route_reasons(row: dict, address: str, who: str) -> list[str]:
     route = ((row.get("Facts") or {}).get("Routes") or {}).get(address)
     if route and route.get("Error"):
         return [f"route: on {who}, the route to {address}: {route['Error']}"]
-    if route and route.get("Type") not in (None, 1):
-        kinds = {2: "local", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
-        return [f"{who} routes {address} to a {kinds.get(route['Type'], route['Type'])} route"]
     return []
 
 
