@@ -148,11 +148,14 @@ def test_trace_between_two_containers_sees_every_hop_both_ways(lan):
     assert "the path works" in table and f"{n['b']}:eth0" in table
 
 
-def test_trace_tcp_to_a_closed_port_is_answered_by_a_reset(lan):
+def test_trace_tcp_and_udp_to_closed_ports_are_answered(lan):
     host, n = lan
     code, report = trace(host, n["a"], n["b"], "--proto", "tcp:4567")
     assert code == 0 and report["Result"] == "ok"
     assert "nothing listens on port 4567" in " ".join(report["Reasons"])
+    code, report = trace(host, n["a"], n["b"], "--proto", "udp:4567")
+    assert code == 0 and report["Result"] == "ok" and report["Hops"][-1]["Request"]
+    assert "nothing listens on UDP port 4567" in " ".join(report["Reasons"])
 
 
 def test_trace_to_an_address_nobody_holds_stops_at_arp(lan):
