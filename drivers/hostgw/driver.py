@@ -23,7 +23,10 @@ Addresses. The network's IPAM pool is the whole subnet; the controller asks this
 host's `address_range()` before each allocation and IPAM gives out addresses within that part only
 (netd.ipam `allocate(within=...)`: not its network, gateway or broadcast address). The part's
 gateway is also held in IPAM (kind gateway, named "hostgw <part>"), so `netd ipam inspect` shows it.
-A static --ip outside this host's part is refused.
+A static --ip outside this host's part is refused. If the host's first container fails after the
+part was leased for it (a bad --ip, say), the controller's undo calls `release_address_range()` and
+the part is given back at once; a part left without containers any other way is given back by the
+reconciler within two rounds.
 
 Routes, reconciled. A thread compares the kernel with the leases every RECONCILE_INTERVAL seconds,
 and at once when a lease changes: a missing route is added again (deleted by hand, or flushed by
@@ -570,6 +573,7 @@ class HostgwDriver(Driver):
                 with contextlib.suppress(NetlinkError):
                     ipr.route("del", dst=dst, proto=RTPROT_HOSTGW)
                     log.info("hostgw: removed route %s via %s: its lease is gone", dst, routes[dst][0])
+                self._routed = {(nid, subnet) for nid, subnet in self._routed if subnet != dst}
 
     def _release_idle_parts(self) -> None:
         """A part whose first container never came (its `netd run` failed after the lease was

@@ -117,12 +117,18 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def before(cluster, network) -> dict:
+    """The state every bad command starts from, and must leave."""
+    host, store = cluster
+    return snapshot(host, store)
+
+
 @pytest.mark.parametrize("args, message", CASES, ids=[" ".join(a) for a in (c[0] for c in CASES)])
-def test_bad_input_fails_clearly_and_leaves_nothing(cluster, network, args, message):
+def test_bad_input_fails_clearly_and_leaves_nothing(cluster, network, before, args, message):
     """Also the failed first container: the part it leased is given back at once."""
     host, store = cluster
     args = [a.format(net=network) for a in args]
-    before = snapshot(host, store)
     error = host.fails(*args)
     assert message.format(net=network) in error
     assert snapshot(host, store) == before

@@ -94,11 +94,16 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def before(host, resident) -> dict:
+    """The state every bad command starts from, and must leave."""
+    return snapshot(host)
+
+
 @pytest.mark.parametrize("args, message", CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_bad_input_fails_clearly_and_leaves_nothing(host, resident, args, message):
+def test_bad_input_fails_clearly_and_leaves_nothing(host, resident, before, args, message):
     net, _ = resident
     args = [a.format(net=net) for a in args]
-    before = snapshot(host)
     error = host.fails(*args)
     assert message.format(net=net) in error
     assert snapshot(host) == before
