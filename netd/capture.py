@@ -1,6 +1,6 @@
 """`netd capture`: sniff where a container network's packets are, without `nsenter ... tcpdump`.
 
-Where the packets are. The CLI asks the daemon (GET /debug/capture-target) where the target is:
+Where the packets are. The CLI asks the daemon (GET /debug/capture-targets/TARGET) where it is:
 a list of capture points, each an interface name and the path of the network namespace that holds
 it (a container's namespace, an overlay's `ov-<VNI>`, or the daemon's own as /proc/PID/ns/net).
 Drivers answer for their own devices (Driver.capture_point), so a new driver adds one method.
