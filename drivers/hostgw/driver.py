@@ -63,7 +63,7 @@ from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.ipam import IPAM, parse_subnet
 from netd.model import GLOBAL, Endpoint, Network, now
-from netd.rtnl import Rtnl, retirer
+from netd.rtnl import IFF_UP, Rtnl, retirer
 
 log = logging.getLogger("netd.driver.hostgw")
 
@@ -108,6 +108,8 @@ class Part:
     endpoints: set[str] = field(default_factory=set)
     lost: bool = False          # the store lease lapsed (the store was away too long): take it again
     problem: str = ""           # why this host's part is not in order, for inspect
+    bridge_index: int = 0
+    rounds: int = 0             # reconciliations so far
     since: float = field(default_factory=time.monotonic)
 
     @property
@@ -400,13 +402,29 @@ class HostgwDriver(Driver):
         """The bridge with the part's gateway, and its firewall rules. Idempotent (a restart)."""
         address = f"{part.gateway}/{part.subnet.prefixlen}"
         with netlink.netns_socket(None) as ipr:
-            index = netlink.ensure_bridge(ipr, part.bridge, address)
+            index = part.bridge_index = netlink.ensure_bridge(ipr, part.bridge, address)
             for addr in ipr.get_addr(index=index, family=socket.AF_INET):
                 held = f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}"
                 if held != address:   # a part this host held before
                     ipr.addr("del", index=index, address=addr.get_attr("IFA_ADDRESS"), prefixlen=addr["prefixlen"])
         self.ctx.firewall.add_network(part.network.id, part.bridge, str(part.subnet), internal=False,
                                       masquerade=True, routed=part.network.ipam.subnet)
+
+    def _check_bridge(self, part: Part) -> None:
+        """The bridge is there and up (one request), and every tenth round fully checked: if it was
+        deleted or changed behind our back, make it again (its containers' veths went with it)."""
+        part.rounds += 1
+        with Rtnl() as rtnl:
+            state = rtnl.link_state(part.bridge)
+        if state is not None and state[1] & IFF_UP and state[0] == part.bridge_index and part.rounds % 10:
+            return
+        if state is None or state[0] != part.bridge_index:
+            log.warning("hostgw network %s: bridge %s was %s; making it again", part.network.name, part.bridge,
+                        "deleted" if state is None else "replaced")
+        try:
+            self._build(part)
+        except Exception as e:  # noqa: BLE001 - reported, tried again next round
+            log.error("hostgw network %s: cannot rebuild bridge %s: %s", part.network.name, part.bridge, e)
 
     def _teardown(self, part: Part) -> None:
         """Give the part up: lease, gateway, firewall rules, bridge, routes."""
@@ -592,8 +610,7 @@ class HostgwDriver(Driver):
         own = leases.get(part.subnet)
         if part.lost or own is None or own[1].get("PublicIP") != self.ctx.host.address:
             self._retake(part, own)
-        with contextlib.suppress(Exception):   # the bridge was deleted behind our back: make it again
-            self._build(part)
+        self._check_bridge(part)
         peers: dict[str, Peer] = {}
         wanted = set()
         for subnet, (_pair, info) in sorted(leases.items()):
