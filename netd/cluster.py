@@ -46,6 +46,9 @@ class ClusterListener:
     def reclaim_endpoint(self, endpoint: Endpoint) -> None:
         """Delete a dead host's endpoint from the store and free its address and name."""
 
+    def host_reclaimed(self, address: str) -> None:
+        """A dead host's endpoints are gone: free what drivers held for that host."""
+
 
 class Cluster:
     def __init__(self, store: KVStore, host: HostInfo, listener: ClusterListener,
@@ -63,6 +66,7 @@ class Cluster:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._missing_since: dict[str, float] = {}
+        self._reclaimed: set[str] = set()             # dead hosts already reclaimed by this daemon
         self._peers: dict[str, Endpoint] = {}        # endpoint id -> remote endpoint counted as a peer
         self._endpoints: dict[str, dict[str, Endpoint]] = {}   # network id -> endpoint id -> endpoint (parsed once)
         self.hosts = Mirror(store, HOSTS, on_put=self._host_put, on_delete=self._host_deleted)
@@ -155,6 +159,7 @@ class Cluster:
         address = pair.key[len(HOSTS):]
         with self._lock:
             self._missing_since.pop(address, None)
+            self._reclaimed.discard(address)
         log.info("host %s is alive", address)
         self._refresh_peers(host=address)
 
@@ -244,7 +249,7 @@ class Cluster:
                 continue
             with self._lock:
                 since = self._missing_since.setdefault(address, now_)
-            if now_ - since >= self.reclaim_after:
+            if now_ - since >= self.reclaim_after and address not in self._reclaimed:
                 self.reclaim(address)
 
     def reclaim(self, address: str) -> int:
@@ -256,6 +261,9 @@ class Cluster:
                 count += 1
             except StoreError as e:
                 log.warning("could not reclaim endpoint %s of %s: %s", endpoint.id[:12], address, e)
+        self.listener.host_reclaimed(address)
+        with self._lock:
+            self._reclaimed.add(address)
         if count:
             log.warning("reclaimed %d endpoint(s) of dead host %s", count, address)
         return count

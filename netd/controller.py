@@ -279,6 +279,15 @@ class Controller:
             self._release_address(network, endpoint)
         self._unstore_endpoint(self.cluster_store, network, endpoint)
 
+    def host_reclaimed(self, address: str) -> None:
+        with self.lock:
+            networks = [n for n in self.networks.values() if n.scope == GLOBAL and n.driver in self.drivers]
+        for network in networks:
+            try:
+                self.drivers[network.driver].host_gone(network, address)
+            except Exception as e:  # noqa: BLE001 - one network must not stop the others
+                log.error("could not free what dead host %s held on %s: %s", address, network.name, e)
+
     def _release_address(self, network: Network, endpoint: Endpoint) -> None:
         if network.scope == GLOBAL:   # only if still ours: another host may hold it by now
             self.ipam[GLOBAL].release_owned(network.id, endpoint.address, endpoint.id)
@@ -835,10 +844,11 @@ class Controller:
         """The network that gave the default route left: take it from another one, if any."""
         for endpoint in self._container_endpoints(container):
             network = self.networks.get(endpoint.network_id)
-            if network and network.ipam and network.ipam.gateway and not network.internal:
+            gateway = self.drivers[network.driver].default_gateway(network) if network else None
+            if gateway:
                 with Rtnl(container.netns) as inside:
-                    inside.replace_default_route(network.ipam.gateway, inside.link_index(endpoint.ifname))
-                endpoint.gateway = network.ipam.gateway
+                    inside.replace_default_route(gateway, inside.link_index(endpoint.ifname))
+                endpoint.gateway = gateway
                 self._store(network.scope).put(f"{ENDPOINTS}{network.id}/{endpoint.id}", endpoint.to_json())
                 return
 

@@ -114,6 +114,13 @@ class Driver(abc.ABC):
         """After a daemon restart: verify or rebuild kernel state for the network and its
         local endpoints, without disturbing what already works."""
 
+    def default_gateway(self, network: Network) -> str | None:
+        """The gateway this host's containers on `network` take their default route from
+        (None: the network gives no way out, e.g. --internal)."""
+        if network.internal or network.ipam is None:
+            return None
+        return network.ipam.gateway
+
     def peer_joined(self, network: Network, endpoint: Endpoint) -> None:  # noqa: B027
         """A global network's endpoint on another (live) host appeared: program the path to it."""
 
@@ -123,6 +130,10 @@ class Driver(abc.ABC):
     def restore_done(self) -> None:  # noqa: B027
         """Every network was restored: remove kernel state no network claimed (left by a crash,
         or by networks removed while this daemon was down)."""
+
+    def host_gone(self, network: Network, address: str) -> None:  # noqa: B027
+        """The host at `address` died and its endpoints were reclaimed: free what this driver
+        held cluster-wide for that host (e.g. a per-host gateway or shim address)."""
 
     def address_range(self, network: Network) -> str | None:
         """The part of the network's pool (a CIDR) this host's endpoints take addresses from;

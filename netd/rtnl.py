@@ -331,6 +331,48 @@ class LinkRetirer:
             self.flush()
 
 
+# --- the container side of an endpoint, shared by the drivers ----------------------------------
+
+def configure_inside(netns: str, ifname: str, ipv4: str, gateway: str | None) -> None:
+    """Inside a container: the address (CIDR) on `ifname`, the interface up, and the default
+    route via `gateway` if one is given."""
+    address, prefix = ipv4.split("/")
+    with Rtnl(netns) as inside:
+        index = inside.link_index(ifname)
+        if index is None:
+            raise OSError(errno.ENODEV, f"interface {ifname} did not appear in the container")
+        inside.add_address(index, address, int(prefix))
+        inside.set_link(index, up=True)
+        if gateway:
+            inside.replace_default_route(gateway, index)
+
+
+def free_inside_name(netns: str, ifname: str, retire: bool = False) -> None:
+    """Down and rename a container's interface at once, so that its name (eth1, ...) is free for
+    the next connect; with `retire`, also hand it to the retirer (an interface with no host side,
+    e.g. macvlan). Nothing happens if the namespace or the interface is gone already."""
+    if not netns or not os.path.exists(netns):
+        return
+    try:
+        with Rtnl(netns) as inside:
+            index = inside.link_index(ifname)
+            if index is None:
+                return
+            inside.set_link(index, up=False)
+            inside.set_link(index, name=f"gone{index}")
+            if retire:
+                retirer().retire(inside, index, netns)
+    except OSError:
+        pass
+
+
+def retire_named(rtnl: Rtnl, ifname: str, netns: str | None = None) -> None:
+    """Hand interface `ifname` (in rtnl's namespace, `netns`) to the retirer, if it exists."""
+    index = rtnl.link_index(ifname)
+    if index is not None:
+        retirer().retire(rtnl, index, netns)
+
+
 _retirer: LinkRetirer | None = None
 _retirer_lock = threading.Lock()
 

@@ -15,7 +15,7 @@ from netd import netlink
 from netd.driverapi import CapturePoint, Driver, Hop, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.model import Endpoint, Network, PortBinding
-from netd.rtnl import Rtnl, retirer
+from netd.rtnl import Rtnl, configure_inside, free_inside_name, retire_named
 
 OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
 OPT_MTU = "com.docker.network.driver.mtu"
@@ -146,8 +146,7 @@ class BridgeDriver(Driver):
 
     def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
         """The hot path of `network connect`: raw rtnetlink (netd.rtnl), six small requests."""
-        gateway = network.ipam.gateway if info.set_default_route and not network.internal else None
-        address, prefix = endpoint.ipv4.split("/")
+        gateway = self.default_gateway(network) if info.set_default_route else None
         with Rtnl() as host:
             fd = os.open(info.netns, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -156,15 +155,10 @@ class BridgeDriver(Driver):
                 os.close(fd)
             try:
                 host.set_hairpin(host.link_index(endpoint.host_ifname))
-                with Rtnl(info.netns) as inside:
-                    index = inside.link_index(info.ifname)
-                    inside.add_address(index, address, int(prefix))
-                    inside.set_link(index, up=True)
-                    if gateway:
-                        inside.replace_default_route(gateway, index)
+                configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
                 endpoint.gateway = gateway or ""
             except Exception:
-                self._retire(host, endpoint)
+                retire_named(host, endpoint.host_ifname)
                 raise
 
     def _create_veth(self, host: Rtnl, network: Network, endpoint: Endpoint, info: JoinInfo, fd: int) -> None:
@@ -183,23 +177,11 @@ class BridgeDriver(Driver):
         self._bridge_indexes[network.id] = bridge
 
     def leave(self, network: Network, endpoint: Endpoint, sandbox_gone: bool = False) -> None:
-        """Take the endpoint out at once; its veth is deleted in the background, in a batch.
-
-        Inside a container that lives on, the interface is downed and renamed first so that
-        its name (eth1, ...) is free for the next `network connect` right away."""
+        """Take the endpoint out at once; its veth is deleted in the background, in a batch."""
+        if not sandbox_gone:
+            free_inside_name(endpoint.sandbox, endpoint.ifname)
         with Rtnl() as host:
-            if not sandbox_gone and endpoint.sandbox and os.path.exists(endpoint.sandbox):
-                with contextlib.suppress(OSError), Rtnl(endpoint.sandbox) as inside:
-                    index = inside.link_index(endpoint.ifname)
-                    if index is not None:
-                        inside.set_link(index, up=False)
-                        inside.set_link(index, name=f"gone{index}")
-            self._retire(host, endpoint)
-
-    def _retire(self, host: Rtnl, endpoint: Endpoint) -> None:
-        index = host.link_index(endpoint.host_ifname)
-        if index is not None:
-            retirer().retire(host, index)
+            retire_named(host, endpoint.host_ifname)
 
     # --- published ports --------------------------------------------------------------------
 

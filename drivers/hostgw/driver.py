@@ -63,7 +63,7 @@ from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.ipam import IPAM, parse_subnet
 from netd.model import GLOBAL, Endpoint, Network, now
-from netd.rtnl import IFF_UP, Rtnl, retirer
+from netd.rtnl import IFF_UP, Rtnl, configure_inside, free_inside_name, retire_named
 
 log = logging.getLogger("netd.driver.hostgw")
 
@@ -398,6 +398,13 @@ class HostgwDriver(Driver):
     def _ipam(self) -> IPAM:
         return IPAM(self.ctx.cluster_store, self.host_key, GLOBAL)
 
+    def host_gone(self, network: Network, address: str) -> None:
+        """Free the gateway a dead host reserved for its part, so the part can be leased again."""
+        ipam = self._ipam()
+        for allocation in ipam.allocations(network.id):
+            if allocation.kind == "gateway" and allocation.host == address and allocation.name.startswith("hostgw "):
+                ipam.release_reserved(network.id, allocation.address, allocation.name)
+
     def _build(self, part: Part) -> None:
         """The bridge with the part's gateway, and its firewall rules. Idempotent (a restart)."""
         address = f"{part.gateway}/{part.subnet.prefixlen}"
@@ -503,9 +510,13 @@ class HostgwDriver(Driver):
             self._peers.pop(network.id, None)
         self._teardown(part)
 
+    def default_gateway(self, network: Network) -> str | None:
+        """This host's part's gateway: every host routes its own containers."""
+        part = self._parts.get(network.id)
+        return part.gateway if part is not None else None
+
     def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
         part = self._ensure_part(network)
-        address, prefix = endpoint.ipv4.split("/")
         gateway = part.gateway if info.set_default_route else None
         with Rtnl() as host:
             bridge = host.link_index(part.bridge)
@@ -518,32 +529,17 @@ class HostgwDriver(Driver):
             finally:
                 os.close(fd)
             try:
-                with Rtnl(info.netns) as inside:
-                    index = inside.link_index(info.ifname)
-                    inside.add_address(index, address, int(prefix))
-                    inside.set_link(index, up=True)
-                    if gateway:
-                        inside.replace_default_route(gateway, index)
+                configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
                 endpoint.gateway = gateway or ""
             except Exception:
-                self._retire(host, endpoint)
+                retire_named(host, endpoint.host_ifname)
                 raise
 
     def leave(self, network: Network, endpoint: Endpoint, sandbox_gone: bool = False) -> None:
+        if not sandbox_gone:
+            free_inside_name(endpoint.sandbox, endpoint.ifname)
         with Rtnl() as host:
-            if not sandbox_gone and endpoint.sandbox and os.path.exists(endpoint.sandbox):
-                with contextlib.suppress(OSError), Rtnl(endpoint.sandbox) as inside:
-                    index = inside.link_index(endpoint.ifname)
-                    if index is not None:
-                        inside.set_link(index, up=False)
-                        inside.set_link(index, name=f"gone{index}")
-            self._retire(host, endpoint)
-
-    @staticmethod
-    def _retire(host: Rtnl, endpoint: Endpoint) -> None:
-        index = host.link_index(endpoint.host_ifname)
-        if index is not None:
-            retirer().retire(host, index)
+            retire_named(host, endpoint.host_ifname)
 
     # --- routes -----------------------------------------------------------------------------
 

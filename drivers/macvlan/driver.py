@@ -57,7 +57,7 @@ from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.ipam import IPAM
 from netd.model import GLOBAL, LOCAL, Endpoint, Network, now
-from netd.rtnl import IFF_UP, Rtnl, retirer
+from netd.rtnl import IFF_UP, Rtnl, configure_inside, free_inside_name
 
 log = logging.getLogger("netd.driver.macvlan")
 
@@ -336,8 +336,8 @@ class MacvlanDriver(Driver):
             if holder is not None:
                 raise Conflict(f"parent interface {parent} of macvlan network {network.name} already carries "
                                f"macvlan network {holder} on this host")
-        address, prefix = endpoint.ipv4.split("/")
-        gateway = network.ipam.gateway if info.set_default_route and network.ipam and network.ipam.gateway else None
+        address = endpoint.address
+        gateway = self.default_gateway(network) if info.set_default_route else None
         with Rtnl() as host:
             parent_index = self._parent_index(host, parent, network)
             if mode == "passthru":
@@ -350,11 +350,7 @@ class MacvlanDriver(Driver):
             finally:
                 os.close(fd)
         try:
-            with Rtnl(info.netns) as inside:
-                index = inside.link_index(info.ifname)
-                inside.add_address(index, address, int(prefix))
-                if gateway:
-                    inside.replace_default_route(gateway, index)
+            configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
             endpoint.gateway = gateway or ""
             self._local.setdefault(network.id, {})[endpoint.id] = address
             if self.host_access(network):
@@ -382,14 +378,8 @@ class MacvlanDriver(Driver):
         self._local.get(network.id, {}).pop(endpoint.id, None)
         if self.host_access(network) and endpoint.address:
             self._delete_host_route(network, endpoint.address)
-        if not sandbox_gone and endpoint.sandbox and os.path.exists(endpoint.sandbox):
-            # Down and renamed at once, so that its name (eth1, ...) is free for the next connect.
-            with contextlib.suppress(OSError), Rtnl(endpoint.sandbox) as inside:
-                index = inside.link_index(endpoint.ifname)
-                if index is not None:
-                    inside.set_link(index, up=False)
-                    inside.set_link(index, name=f"gone{index}")
-                    retirer().retire(inside, index, endpoint.sandbox)
+        if not sandbox_gone:
+            free_inside_name(endpoint.sandbox, endpoint.ifname, retire=True)
         self._remove_shim_if_unused(network)
 
     # --- host access ------------------------------------------------------------------------
@@ -401,8 +391,15 @@ class MacvlanDriver(Driver):
         store = self.ctx.cluster_store if network.scope == GLOBAL else self.ctx.local_store
         return IPAM(store, self.host_key, network.scope)
 
-    def _shim_address_name(self) -> str:
-        return f"host-access {self.host_key}"
+    def _shim_address_name(self, host: str | None = None) -> str:
+        return f"host-access {host or self.host_key}"
+
+    def host_gone(self, network: Network, address: str) -> None:
+        """Free a dead host's host-access shim address."""
+        ipam, owner = self._ipam(network), self._shim_address_name(address)
+        for allocation in ipam.allocations(network.id):
+            if allocation.kind == "aux" and allocation.name == owner:
+                ipam.release_reserved(network.id, allocation.address, owner)
 
     def _ensure_shim(self, network: Network) -> None:
         """The host's own macvlan on the parent, up, with its address from the network's pool."""

@@ -32,7 +32,7 @@ from netd import netlink
 from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
 from netd.errors import BadRequest, Conflict
 from netd.model import Endpoint, Network
-from netd.rtnl import Rtnl, retirer
+from netd.rtnl import Rtnl, configure_inside, free_inside_name, retire_named
 from runtime import namespaces
 
 log = logging.getLogger("netd.driver.overlay")
@@ -292,8 +292,7 @@ class OverlayDriver(Driver):
 
     def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
         sandbox = self._sandbox(network)
-        gateway = network.ipam.gateway if info.set_default_route and not network.internal else None
-        address, prefix = endpoint.ipv4.split("/")
+        gateway = self.default_gateway(network) if info.set_default_route else None
         try:
             with Rtnl(sandbox.netns) as inside:
                 fd = os.open(info.netns, os.O_RDONLY | os.O_CLOEXEC)
@@ -303,14 +302,9 @@ class OverlayDriver(Driver):
                 finally:
                     os.close(fd)
                 try:
-                    with Rtnl(info.netns) as container:
-                        index = container.link_index(info.ifname)
-                        container.add_address(index, address, int(prefix))
-                        container.set_link(index, up=True)
-                        if gateway:
-                            container.replace_default_route(gateway, index)
+                    configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
                 except Exception:
-                    self._retire(inside, sandbox, endpoint)
+                    retire_named(inside, endpoint.host_ifname, sandbox.netns)
                     raise
         except Exception:
             self._remove_if_unused(network)
@@ -323,22 +317,13 @@ class OverlayDriver(Driver):
         sandbox = self._sandboxes.get(network.id)
         if sandbox is None:
             return
-        if not sandbox_gone and endpoint.sandbox and os.path.exists(endpoint.sandbox):
-            with contextlib.suppress(OSError), Rtnl(endpoint.sandbox) as container:
-                index = container.link_index(endpoint.ifname)
-                if index is not None:
-                    container.set_link(index, up=False)
-                    container.set_link(index, name=f"gone{index}")
+        if not sandbox_gone:
+            free_inside_name(endpoint.sandbox, endpoint.ifname)
         with contextlib.suppress(OSError), Rtnl(sandbox.netns) as inside:
-            self._retire(inside, sandbox, endpoint)
+            retire_named(inside, endpoint.host_ifname, sandbox.netns)
         with self._lock:
             self._local_count[network.id] = max(0, self._local_count.get(network.id, 1) - 1)
         self._remove_if_unused(network)
-
-    def _retire(self, inside: Rtnl, sandbox: Sandbox, endpoint: Endpoint) -> None:
-        index = inside.link_index(endpoint.host_ifname)
-        if index is not None:
-            retirer().retire(inside, index, sandbox.netns)
 
     def _remove_if_unused(self, network: Network) -> None:
         """The data plane goes with this host's last endpoint on the network."""
