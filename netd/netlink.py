@@ -104,7 +104,12 @@ def host_routes() -> list[str]:
 
 def set_sysctl(path: str, value: str) -> None:
     """Write /proc/sys/<path> (dots or slashes); only if it differs, to stay a quiet guest."""
-    full = path if path.startswith("/") else "/proc/sys/" + path.replace(".", "/")
+    if path.startswith("/"):
+        full = path
+    elif "/" in path:
+        full = "/proc/sys/" + path           # "net/ipv4/conf/eth0.10/rp_filter": names may hold dots
+    else:
+        full = "/proc/sys/" + path.replace(".", "/")
     with open(full) as f:
         if f.read().strip() == value:
             return

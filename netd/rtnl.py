@@ -22,7 +22,7 @@ import struct
 import threading
 import time
 
-from runtime.namespaces import open_in_netns
+from runtime.namespaces import entered_netns, open_in_netns
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -90,6 +90,7 @@ class Rtnl:
 
     def __init__(self, netns: str | None = None):
         make = lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)  # noqa: E731
+        self.netns = netns
         self.sock = open_in_netns(netns, make) if netns else make()
         self.sock.bind((0, 0))
         self._seq = 0
@@ -143,9 +144,14 @@ class Rtnl:
 
     def create_veth(self, name: str, peer_name: str, peer_netns_fd: int, mac: str, master: int | None = None,
                     mtu: int | None = None) -> None:
-        """A veth pair: `name` here, up and enslaved to `master`; `peer_name` created directly in
-        the namespace of `peer_netns_fd` with MAC `mac`, still down (the kernel cannot open a veth
-        end before its pair is complete: ENOTCONN)."""
+        """A veth pair: `name` here, up and enslaved to `master`, with IPv6 off; `peer_name`
+        created directly in the namespace of `peer_netns_fd` with MAC `mac`, still down (the
+        kernel cannot open a veth end before its pair is complete: ENOTCONN).
+
+        IPv6 is turned off on our end before it comes up: otherwise each new port runs IPv6
+        autoconfiguration (DAD, MLD) in kernel work that takes the RTNL lock, and with a
+        thousand endpoints every netlink request waits behind it (measured: route and link
+        requests 1 ms instead of 0.02 ms)."""
         peer_attrs = [name_attr(peer_name), u32(IFLA_NET_NS_FD, peer_netns_fd), attr(IFLA_ADDRESS, mac_bytes(mac))]
         attrs = [name_attr(name)]
         if mtu:
@@ -156,8 +162,14 @@ class Rtnl:
         peer = ifinfo() + b"".join(peer_attrs)
         attrs.append(nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"veth\0"),
                             nested(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer))))
-        self.request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-                     ifinfo(flags=IFF_UP, change=IFF_UP) + b"".join(attrs))
+        self.request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, ifinfo() + b"".join(attrs))
+        try:
+            with entered_netns(self.netns):
+                with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+                    f.write("1")
+        except FileNotFoundError:
+            pass   # a kernel without IPv6
+        self.request(RTM_SETLINK, NLM_F_ACK, ifinfo(flags=IFF_UP, change=IFF_UP) + name_attr(name))
 
     def set_link(self, index: int, up: bool | None = None, group: int | None = None, name: str | None = None) -> None:
         attrs = b""
@@ -294,6 +306,7 @@ class LinkRetirer:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._pending: set[str | None] = set()   # namespaces with retired interfaces (None: ours)
+        self._flushing = threading.Lock()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="link-retirer", daemon=True)
         self._thread.start()
@@ -306,14 +319,17 @@ class LinkRetirer:
         self._wake.set()
 
     def flush(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, set()
-        for netns in pending:
-            try:
-                with Rtnl(netns) as rtnl:
-                    rtnl.delete_group(self.GROUP)
-            except OSError:
-                pass  # the namespace went away with its interfaces: nothing left to delete
+        """Delete every retired interface now; returns when they are gone (also those a flush
+        running in another thread had already taken on)."""
+        with self._flushing:
+            with self._lock:
+                pending, self._pending = self._pending, set()
+            for netns in pending:
+                try:
+                    with Rtnl(netns) as rtnl:
+                        rtnl.delete_group(self.GROUP)
+                except OSError:
+                    pass  # the namespace went away with its interfaces: nothing left to delete
 
     def stop(self) -> None:
         self._stopped = True
@@ -384,6 +400,15 @@ def retirer() -> LinkRetirer:
         if _retirer is None:
             _retirer = LinkRetirer()
         return _retirer
+
+
+def flush_retired() -> None:
+    """Delete what is retired now, not in the background: after a failed operation, so that
+    it leaves nothing behind by the time the user hears of the failure."""
+    with _retirer_lock:
+        current = _retirer
+    if current is not None:
+        current.flush()
 
 
 def stop_retirer() -> None:

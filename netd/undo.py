@@ -20,8 +20,9 @@ class Undo:
     original error or stop the others from running.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, after_rollback: Callable[[], object] | None = None) -> None:
         self._steps: list[tuple[Callable[..., object], tuple]] = []
+        self._after_rollback = after_rollback
 
     def push(self, step: Callable[..., object], *args) -> None:
         self._steps.append((step, args))
@@ -41,6 +42,11 @@ class Undo:
                 step(*args)
             except Exception:  # noqa: BLE001 - keep undoing; the original error is what matters
                 log.exception("undo step %s failed", getattr(step, "__qualname__", step))
+        if self._after_rollback is not None:
+            try:
+                self._after_rollback()
+            except Exception:  # noqa: BLE001
+                log.exception("after rollback")
 
     def discard(self) -> None:
         """Keep what was done (used when an operation commits part-way on purpose)."""

@@ -168,6 +168,9 @@ class BridgeDriver(Driver):
         try:
             host.create_veth(endpoint.host_ifname, info.ifname, fd, endpoint.mac, bridge, self._mtu(network))
         except OSError as e:
+            if e.errno == errno.EXFULL:
+                raise Conflict(f"network {network.name} is full on this host: a Linux bridge takes at most 1024 "
+                               "ports; spread the containers over more networks") from None
             if e.errno not in (errno.ENODEV, errno.EINVAL) or network.id not in self._bridge_indexes:
                 raise
             # the bridge was re-created behind our back (new index): look it up once more
