@@ -30,6 +30,7 @@ def echo(ident: int, seq: int) -> bytes:
 def main(targets: list[str], timeout: float = 30.0) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     ident = os.getpid() & 0xFFFF
+    print("ready", flush=True)   # the benchmark starts containers only now
     seq = 0
     for target in targets:
         deadline = time.monotonic() + timeout
