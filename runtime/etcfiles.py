@@ -52,14 +52,7 @@ def embedded_resolv_conf(host: ResolvConf) -> ResolvConf:
 
 
 def render_hosts(hostname: str, addresses: list[str]) -> str:
-    lines = [
-        "127.0.0.1\tlocalhost",
-        "::1\tlocalhost ip6-localhost ip6-loopback",
-        "fe00::0\tip6-localnet",
-        "ff00::0\tip6-mcastprefix",
-        "ff02::1\tip6-allnodes",
-        "ff02::2\tip6-allrouters",
-    ]
+    lines = ["127.0.0.1\tlocalhost"]   # no IPv6 lines: netd's containers have IPv6 off
     lines += [f"{address}\t{hostname}" for address in addresses]
     return "\n".join(lines) + "\n"
 
