@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from bench.peers import rss_bytes
 from bench.stats import print_table, summarize
 from netd.client import Client
 from tests.support.hosts import NetdHost
@@ -67,15 +68,6 @@ class NetdAttachPeer:
         self.host.cleanup()
 
 
-def rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def make_peer(name: str):

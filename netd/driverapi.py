@@ -18,6 +18,16 @@ from netd.errors import BadRequest
 from netd.model import Endpoint, Network
 
 
+def option_flag(value: str, option: str) -> bool:
+    """A true/false driver option (`-o host_access=true`), or a clear error."""
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest(f"option {option} takes true or false, not {value!r}")
+
+
 @dataclass
 class HostInfo:
     id: str                      # stable id of this host (kept in the data dir)

@@ -12,7 +12,7 @@ import errno
 import os
 
 from netd import netlink
-from netd.driverapi import CapturePoint, Driver, Hop, JoinInfo
+from netd.driverapi import CapturePoint, Driver, Hop, JoinInfo, option_flag
 from netd.errors import BadRequest, Conflict
 from netd.model import Endpoint, Network, PortBinding
 from netd.rtnl import Rtnl, configure_inside, free_inside_name, retire_named
@@ -24,14 +24,6 @@ OPT_HOST_BINDING = "com.docker.network.bridge.host_binding_ipv4"
 
 DEFAULT_BRIDGE = "netd0"   # the default `bridge` network's device, as docker0 is Docker's
 
-
-def _truthy(value: str, option: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise BadRequest(f"option {option} takes true or false, not {value!r}")
 
 
 class BridgeDriver(Driver):
@@ -55,7 +47,7 @@ class BridgeDriver(Driver):
             if not mtu.isdigit() or not 68 <= int(mtu) <= 65535:
                 raise BadRequest(f"invalid MTU {mtu!r}: give a number from 68 to 65535")
         if OPT_MASQUERADE in network.options:
-            _truthy(network.options[OPT_MASQUERADE], OPT_MASQUERADE)
+            option_flag(network.options[OPT_MASQUERADE], OPT_MASQUERADE)
 
     def bridge_name(self, network: Network) -> str:
         return network.driver_state.get("bridge") or network.options.get(OPT_BRIDGE_NAME) or (
@@ -66,7 +58,7 @@ class BridgeDriver(Driver):
         return int(network.options[OPT_MTU]) if OPT_MTU in network.options else None
 
     def _masquerade(self, network: Network) -> bool:
-        return _truthy(network.options.get(OPT_MASQUERADE, "true"), OPT_MASQUERADE)
+        return option_flag(network.options.get(OPT_MASQUERADE, "true"), OPT_MASQUERADE)
 
     def create_network(self, network: Network) -> None:
         bridge = self.bridge_name(network)

@@ -53,7 +53,7 @@ from ipaddress import IPv4Network
 
 from kvstore import KeyExists, KVStore, StoreError, VersionConflict
 from netd import netlink
-from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
+from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo, option_flag
 from netd.errors import BadRequest, Conflict
 from netd.ipam import IPAM
 from netd.model import GLOBAL, LOCAL, Endpoint, Network, now
@@ -71,14 +71,6 @@ CLAIMS = "netd/macvlan/parents/"            # <parent> -> {"Network", "Name"}: l
 ADVERTS = "netd/macvlan/local-networks/"    # <host>/<network id> -> {"Name", "Subnet", "Parent", ...}
 SHIM_PREFIX = "mvh-"
 
-
-def truthy(value: str, option: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise BadRequest(f"option {option} takes true or false, not {value!r}")
 
 
 class MacvlanDriver(Driver):
@@ -108,7 +100,7 @@ class MacvlanDriver(Driver):
 
     @staticmethod
     def host_access(network: Network) -> bool:
-        return truthy(network.options.get(OPT_HOST_ACCESS, "false"), OPT_HOST_ACCESS)
+        return option_flag(network.options.get(OPT_HOST_ACCESS, "false"), OPT_HOST_ACCESS)
 
     def validate(self, network: Network) -> None:
         super().validate(network)
