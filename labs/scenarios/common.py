@@ -51,3 +51,24 @@ def wait_for(condition, timeout: float, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return condition()
+
+
+def wait_for_network(lab: Lab, net: str, timeout: float = 10) -> bool:
+    """A global network created on one host appears on the others within moments: wait for it."""
+    return wait_for(lambda: all(lab.try_netd(h, "network", "inspect", net).returncode == 0
+                                for h in lab.container_hosts), timeout)
+
+
+def start_containers(lab: Lab, report: Report, scenario: str, net: str, names: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Start `names` (name -> host) on `net` all at once; record a failed check for each that does
+    not start; return name -> (host, address) of those that did."""
+    started = run_parallel([lambda n=name, h=host: lab.try_netd(h, "run", "-d", "--name", n, "--network", net,
+                                                                "sleep", "100000")
+                            for name, host in names.items()], workers=len(names))
+    containers = {}
+    for (name, host), result in zip(names.items(), started, strict=True):
+        if result.returncode != 0:
+            report.add(scenario, "container started", host, name, False, result.stderr.strip())
+            continue
+        containers[name] = (host, container_address(lab, host, name, net))
+    return containers

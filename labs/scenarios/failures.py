@@ -12,7 +12,7 @@ import time
 from labs.lab import ETCD_PORT, Lab
 from labs.report import Report
 from labs.scenarios import Scenario
-from labs.scenarios.common import container_address, pings, unique, wait_for
+from labs.scenarios.common import container_address, pings, unique, wait_for, wait_for_network
 
 
 def run(lab: Lab, report: Report, options: dict) -> None:
@@ -21,7 +21,7 @@ def run(lab: Lab, report: Report, options: dict) -> None:
     lab.netd(hosts[0], "network", "create", "-d", "overlay", "--subnet", "172.16.7.0/24", net)
     names: dict[str, tuple[str, str]] = {}
     try:
-        wait_for(lambda: all(lab.try_netd(h, "network", "inspect", net).returncode == 0 for h in hosts), 5)
+        wait_for_network(lab, net)
         for i, host in enumerate(hosts[:2]):
             name = f"f{i + 1}"
             lab.netd(host, "run", "-d", "--name", name, "--network", net, "sleep", "100000")

@@ -19,7 +19,14 @@ from ipaddress import IPv4Address, IPv4Network
 from labs.lab import Lab
 from labs.report import Report, run_parallel
 from labs.scenarios import Scenario
-from labs.scenarios.common import check_all_pairs, container_address, pings, unique, wait_for
+from labs.scenarios.common import (
+    check_all_pairs,
+    pings,
+    start_containers,
+    unique,
+    wait_for,
+    wait_for_network,
+)
 
 SUBNET = "10.244.0.0/16"
 LEASE_TTL = 5                # seconds: a dead host's routes leave within about this
@@ -35,16 +42,8 @@ def run(lab: Lab, report: Report, options: dict) -> None:
     names = {f"hg{i}": host for i, host in enumerate(hosts, 1)}
     containers: dict[str, tuple[str, str]] = {}
     try:
-        for host in hosts[1:]:
-            wait_for(lambda h=host: lab.try_netd(h, "network", "inspect", net).returncode == 0, timeout=10)
-        started = run_parallel([lambda n=name, h=host: lab.try_netd(h, "run", "-d", "--name", n, "--network", net,
-                                                                    "sleep", "100000")
-                                for name, host in names.items()], workers=len(names))
-        for (name, host), result in zip(names.items(), started, strict=True):
-            if result.returncode != 0:
-                report.add(SCENARIO_NAME, "container started", host, name, False, result.stderr.strip())
-                continue
-            containers[name] = (host, container_address(lab, host, name, net))
+        wait_for_network(lab, net)
+        containers.update(start_containers(lab, report, SCENARIO_NAME, net, names))
         leases = check_leases(lab, report, net, containers)
         if options.get("routed"):
             check_not_adjacent_reported(lab, report, net, leases, containers)

@@ -10,7 +10,7 @@ import signal
 from labs.lab import Lab
 from labs.report import Report, run_parallel
 from labs.scenarios import Scenario
-from labs.scenarios.common import unique, wait_for
+from labs.scenarios.common import unique, wait_for, wait_for_network
 
 PER_HOST = 4
 
@@ -21,7 +21,7 @@ def run(lab: Lab, report: Report, options: dict) -> None:
     lab.netd(hosts[0], "network", "create", "-d", "overlay", "--subnet", "172.16.9.0/24", net)
     names: dict[str, str] = {}
     try:
-        wait_for(lambda: all(lab.try_netd(h, "network", "inspect", net).returncode == 0 for h in hosts), 5)
+        wait_for_network(lab, net)
         # Every host starts its containers at the same moment.
         tasks = []
         for host in hosts:

@@ -19,7 +19,12 @@ from ipaddress import IPv4Address
 from labs.lab import Lab
 from labs.report import Report, run_parallel
 from labs.scenarios import Scenario
-from labs.scenarios.common import container_address, pings, unique, wait_for
+from labs.scenarios.common import (
+    pings,
+    start_containers,
+    unique,
+    wait_for_network,
+)
 
 SUBNET, GATEWAY = "10.10.0.0/24", "10.10.0.254"     # the lab's segment; its ext host as gateway
 STATIC_BASE = 20                                    # static --ip: 10.10.0.21, .22, ... (hosts are .1, .2, ...)
@@ -77,16 +82,8 @@ def cluster_ipam_network(lab: Lab, report: Report) -> None:
     names = {f"mvg{i}{letter}": host for i, host in enumerate(hosts, 1) for letter in "ab"}
     containers: dict[str, tuple[str, str]] = {}
     try:
-        for host in hosts[1:]:
-            wait_for(lambda h=host: lab.try_netd(h, "network", "inspect", net).returncode == 0, timeout=10)
-        started = run_parallel([lambda n=name, h=host: lab.try_netd(h, "run", "-d", "--name", n, "--network", net,
-                                                                    "sleep", "100000")
-                                for name, host in names.items()], workers=len(names))
-        for (name, host), result in zip(names.items(), started, strict=True):
-            if result.returncode != 0:
-                report.add(SCENARIO_NAME, "container started", host, name, False, result.stderr.strip())
-                continue
-            containers[name] = (host, container_address(lab, host, name, net))
+        wait_for_network(lab, net)
+        containers.update(start_containers(lab, report, SCENARIO_NAME, net, names))
         addresses = [address for _, address in containers.values()]
         report.add(SCENARIO_NAME, "addresses unique across hosts (cluster IPAM)", ", ".join(hosts), net,
                    len(addresses) == len(names) and len(set(addresses)) == len(addresses),
