@@ -300,19 +300,19 @@ def cmd_capture(client, args) -> int:
         print(f"capturing on {target['Description']}: {described}"
               + (f", filter {expression!r}" if expression else "")
               + (f", writing {args.write}" if args.write else "") + " (Ctrl-C to stop)", file=sys.stderr, flush=True)
-        for frame in sniffer.frames(timeout=args.timeout):
-            with stop.deferred():
-                count += 1
-                show(frame, pcap, names, args.format)
-            if args.count and count >= args.count:
-                break
-    except KeyboardInterrupt:
-        stop.ignore()
-        for frame in sniffer.drain():
-            if args.count and count >= args.count:
-                break
+        for frame in sniffer.frames(timeout=args.timeout, wake=stop.fd):
             count += 1
             show(frame, pcap, names, args.format)
+            if args.count and count >= args.count:
+                break
+        if stop.interrupted and not (args.count and count >= args.count):
+            # Frames queued before Ctrl-C were seen before the user stopped: they belong in the
+            # output and the pcap.
+            for frame in sniffer.drain():
+                if args.count and count >= args.count:
+                    break
+                count += 1
+                show(frame, pcap, names, args.format)
     finally:
         stop.ignore()
         sniffer.close()
@@ -323,12 +323,14 @@ def cmd_capture(client, args) -> int:
 
 
 class Interrupts:
-    """Ctrl-C (and SIGTERM) end a capture between two packets, never in the middle of writing
-    one: inside `deferred()` the signal waits until the packet is written."""
+    """Ctrl-C (and SIGTERM) end a capture between two packets, never while one is being
+    received or written: the handler only notes the signal and wakes the sniffer's select()
+    through a pipe, so no frame already taken off a socket is lost."""
 
     def __init__(self):
-        self.deferring = False
-        self.pending = False
+        self.interrupted = False
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
 
     def install(self) -> Interrupts:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -340,20 +342,9 @@ class Interrupts:
             signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
-        if self.deferring:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
-        if self.pending:
-            raise KeyboardInterrupt
+        self.interrupted = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write_fd, b"x")
 
 
 def show(frame: Frame, pcap: PcapFile | None, names, output: str) -> None:
