@@ -13,6 +13,7 @@ import tempfile
 
 import pytest
 
+from labs.scenarios.debug import finish
 from tests.support.hosts import PYTHON, NetdHost
 
 
@@ -45,15 +46,6 @@ def start_capture(host: NetdHost, *args: str) -> subprocess.Popen:
         out, err = process.communicate()
         pytest.fail(f"netd capture {' '.join(args)} did not start: {first}{err}{out}")
     return process
-
-
-def finish(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str]:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-    return process.returncode, out, err
 
 
 def ping(host: NetdHost, container: str, target: str, count: int = 2) -> None:
