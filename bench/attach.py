@@ -20,7 +20,7 @@ import time
 
 from bench.peers import rss_bytes
 from bench.stats import print_table, summarize
-from netd.client import Client
+from netd.api.client import Client
 from tests.support.hosts import NetdHost
 
 WINDOW = 30

@@ -18,7 +18,7 @@ import time
 
 from bench.stats import print_table, summarize
 from kvstore import open_store
-from netd.ipam import IPAM
+from netd.core.ipam import IPAM
 
 SUBNET = "10.80.0.0/16"
 

@@ -10,8 +10,8 @@ import importlib
 import logging
 import pkgutil
 
-from netd.driverapi import Driver, DriverContext
-from netd.errors import BadRequest
+from netd.contract.driverapi import Driver, DriverContext
+from netd.contract.errors import BadRequest
 
 log = logging.getLogger("netd.drivers")
 

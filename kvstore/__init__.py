@@ -39,18 +39,32 @@ from urllib.parse import urlparse
 
 import requests
 
-from netd.errors import BadRequest, Conflict, Unavailable
-
 log = logging.getLogger(__name__)
 
 
 # --- errors ---------------------------------------------------------------------------------
 
-class StoreError(Unavailable):
+class KVError(Exception):
+    """Base of the store's errors. kvstore imports nothing of netd: the daemon's API maps these
+    to its own kinds (StoreConfigError -> 400, KeyExists/VersionConflict -> 409, StoreError -> 503)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class StoreConfigError(KVError):
+    """The caller's mistake: a bad store URL or option, a malformed commit."""
+
+
+class StoreError(KVError):
     """The store could not be reached or answered with an error."""
 
 
-class KeyExists(Conflict):
+class KeyExists(KVError):
     """`create` of a key that is already there."""
 
     def __init__(self, key: str):
@@ -58,7 +72,7 @@ class KeyExists(Conflict):
         self.key = key
 
 
-class VersionConflict(Conflict):
+class VersionConflict(KVError):
     """A compare-and-swap lost: the key changed (or vanished) since it was read."""
 
     def __init__(self, key: str):
@@ -318,7 +332,7 @@ def check_ops(ops: list[Op]) -> None:
     keys = [op.key for op in ops]
     if len(set(keys)) != len(keys):
         duplicate = next(key for key in keys if keys.count(key) > 1)
-        raise BadRequest(f"commit touches key {duplicate} more than once")
+        raise StoreConfigError(f"commit touches key {duplicate} more than once")
 
 
 class HttpReply:
@@ -492,7 +506,7 @@ def open_store(url: str, **options) -> KVStore:
     parsed = urlparse(url)
     if parsed.scheme in ("sqlite", "embedded", "file", ""):
         if parsed.netloc or not parsed.path:
-            raise BadRequest(f"store URL {url!r} names no file: use sqlite:///ABSOLUTE/PATH")
+            raise StoreConfigError(f"store URL {url!r} names no file: use sqlite:///ABSOLUTE/PATH")
         from kvstore.embedded import EmbeddedStore
         return EmbeddedStore(parsed.path, **options)
     if parsed.scheme == "etcd":
@@ -501,17 +515,17 @@ def open_store(url: str, **options) -> KVStore:
     if parsed.scheme == "consul":
         from kvstore.consul import ConsulStore
         return ConsulStore(*_host_port(parsed, url, 8500), **options)
-    raise BadRequest(f"unknown store URL {url!r}: use etcd://HOST:PORT, consul://HOST:PORT or sqlite:///FILE")
+    raise StoreConfigError(f"unknown store URL {url!r}: use etcd://HOST:PORT, consul://HOST:PORT or sqlite:///FILE")
 
 
 def _host_port(parsed, url: str, default_port: int) -> tuple[str, int]:
     usage = f"use {parsed.scheme}://HOST:PORT"
     if not parsed.hostname:
-        raise BadRequest(f"store URL {url!r} has no host: {usage}")
+        raise StoreConfigError(f"store URL {url!r} has no host: {usage}")
     if parsed.path not in ("", "/") or parsed.query:
-        raise BadRequest(f"store URL {url!r} has a path or query, which {parsed.scheme} takes none of: {usage}")
+        raise StoreConfigError(f"store URL {url!r} has a path or query, which {parsed.scheme} takes none of: {usage}")
     try:
         port = parsed.port
     except ValueError:
-        raise BadRequest(f"store URL {url!r} has a bad port: {usage}") from None
+        raise StoreConfigError(f"store URL {url!r} has a bad port: {usage}") from None
     return parsed.hostname, port or default_port

@@ -1,5 +1,5 @@
 import sys
 
-from netd.cli import main
+from netd.api.cli import main
 
 sys.exit(main())

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from netd.errors import BadRequest, Internal
+from runtime.errors import BadSpec, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,12 @@ class ProcessHandle:
 def spawn(spec: ProcessSpec) -> ProcessHandle:
     """Start `spec.cmd` in new uts (if hostname), ipc, pid and mount namespaces.
 
-    Returns once the command has been exec'd. Raises BadRequest for the user's
-    mistakes (executable not found, bad workdir) and Internal for the rest; in
+    Returns once the command has been exec'd. Raises BadSpec for the user's
+    mistakes (executable not found, bad workdir) and RuntimeFailure for the rest; in
     both cases nothing is left running and no mount is left behind.
     """
     if not spec.cmd:
-        raise BadRequest("cannot start container: no command given")
+        raise BadSpec("cannot start container: no command given")
     try:
         helper = subprocess.run(
             [sys.executable, "-I", "-S", ENTER_HELPER],
@@ -66,15 +66,15 @@ def spawn(spec: ProcessSpec) -> ProcessHandle:
             capture_output=True, timeout=60, check=False,
         )
     except subprocess.TimeoutExpired:
-        raise Internal("cannot start container: the runtime helper did not answer within 60s") from None
+        raise RuntimeFailure("cannot start container: the runtime helper did not answer within 60s") from None
     try:
         reply = marshal.loads(helper.stdout)
     except (EOFError, ValueError, TypeError):
         stderr = helper.stderr.decode(errors="replace").strip().splitlines()
-        raise Internal("cannot start container: runtime helper failed: "
+        raise RuntimeFailure("cannot start container: runtime helper failed: "
                        f"{stderr[-1] if stderr else f'exit status {helper.returncode}'}") from None
     if "error" in reply:
-        error = BadRequest if reply.get("kind") == "bad_request" else Internal
+        error = BadSpec if reply.get("kind") == "bad_request" else RuntimeFailure
         raise error(f"cannot start container: {reply['error']}")
     handle = ProcessHandle(pid=reply["pid"], start_time=reply["start_time"])
     if _active_reaper is not None:
@@ -277,7 +277,7 @@ def _signal_and_wait(handle: ProcessHandle, signals: list[tuple[int, float]]) ->
             if _wait_pidfd(pidfd, timeout):
                 break
         else:
-            raise Internal(f"process {handle.pid} did not exit after SIGKILL")
+            raise RuntimeFailure(f"process {handle.pid} did not exit after SIGKILL")
     finally:
         os.close(pidfd)
     if _active_reaper is not None:

@@ -3,7 +3,7 @@
 import socket
 import struct
 
-from netd.dns import TYPE_A, TYPE_PTR, build_reply, parse_question, reverse_address
+from netd.core.dns import TYPE_A, TYPE_PTR, build_reply, parse_question, reverse_address
 
 
 def query(name: str, qtype: int, ident: int = 0x1234) -> bytes:

@@ -1,4 +1,4 @@
-"""netd.firewall against real nftables, in private network namespaces, proved with real traffic.
+"""netd.kernel.firewall against real nftables, in private network namespaces, proved with real traffic.
 
 Each test builds its own lab (all names unique, everything removed even when the test fails):
 
@@ -31,9 +31,9 @@ from collections.abc import Iterator
 
 import pytest
 
-import netd.firewall as firewall_module
-from netd.errors import BadRequest, Conflict, NotFound
-from netd.firewall import Firewall, PublishedPort
+import netd.kernel.firewall as firewall_module
+from netd.contract.errors import BadRequest, Conflict, NotFound
+from netd.kernel.firewall import Firewall, PublishedPort
 from runtime.namespaces import entered_netns
 
 HOST_UPLINK = "203.0.113.2"

@@ -8,8 +8,8 @@ from ipaddress import IPv4Network
 import pytest
 
 from kvstore import open_store
-from netd.errors import BadRequest, Conflict
-from netd.ipam import IPAM
+from netd.contract.errors import BadRequest, Conflict
+from netd.core.ipam import IPAM
 
 
 @pytest.fixture

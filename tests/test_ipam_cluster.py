@@ -9,8 +9,8 @@ import multiprocessing
 import pytest
 
 from kvstore import open_store
-from netd.errors import Conflict
-from netd.ipam import IPAM
+from netd.contract.errors import Conflict
+from netd.core.ipam import IPAM
 from tests.support.etcd_server import EtcdServer
 
 HOSTS = 8

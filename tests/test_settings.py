@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from netd.daemon import load_settings
-from netd.errors import BadRequest
+from netd.api.daemon import load_settings
+from netd.contract.errors import BadRequest
 
 
 def args(**flags):

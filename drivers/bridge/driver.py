@@ -2,7 +2,7 @@
 
 Outbound traffic is masqueraded, published ports are DNATed, and different bridge
 networks cannot reach each other; all of that lives in netd's own nftables table
-(netd.firewall). `--internal` networks get no route out and no NAT.
+(netd.kernel.firewall). `--internal` networks get no route out and no NAT.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import contextlib
 import errno
 import os
 
-from netd import netlink
-from netd.driverapi import CapturePoint, Driver, Hop, JoinInfo, option_flag
-from netd.errors import BadRequest, Conflict
-from netd.model import Endpoint, Network, PortBinding
-from netd.rtnl import Rtnl, configure_inside, free_inside_name, retire_named
+from netd.contract.driverapi import CapturePoint, Driver, Hop, JoinInfo, option_flag
+from netd.contract.errors import BadRequest, Conflict
+from netd.contract.model import Endpoint, Network, PortBinding
+from netd.kernel import netlink
+from netd.kernel.rtnl import Rtnl, configure_inside, free_inside_name, retire_named
 
 OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
 OPT_MTU = "com.docker.network.driver.mtu"
@@ -137,7 +137,7 @@ class BridgeDriver(Driver):
             endpoint.mac = netlink.mac_from_ip(endpoint.address) if endpoint.address else netlink.random_mac()
 
     def join(self, network: Network, endpoint: Endpoint, info: JoinInfo) -> None:
-        """The hot path of `network connect`: raw rtnetlink (netd.rtnl), six small requests."""
+        """The hot path of `network connect`: raw rtnetlink (netd.kernel.rtnl), six small requests."""
         gateway = self.default_gateway(network) if info.set_default_route else None
         with Rtnl() as host:
             fd = os.open(info.netns, os.O_RDONLY | os.O_CLOEXEC)

@@ -1,7 +1,7 @@
 """The `host` driver: the container uses the host's own network namespace."""
 
-from netd.driverapi import Driver, JoinInfo
-from netd.model import Endpoint, Network
+from netd.contract.driverapi import Driver, JoinInfo
+from netd.contract.model import Endpoint, Network
 
 
 class HostDriver(Driver):

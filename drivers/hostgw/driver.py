@@ -21,7 +21,7 @@ the TTL changes nothing, and after it the other hosts drop their routes to that 
 
 Addresses. The network's IPAM pool is the whole subnet; the controller asks this driver for the
 host's `address_range()` before each allocation and IPAM gives out addresses within that part only
-(netd.ipam `allocate(within=...)`: not its network, gateway or broadcast address). The part's
+(netd.core.ipam `allocate(within=...)`: not its network, gateway or broadcast address). The part's
 gateway is also held in IPAM (kind gateway, named "hostgw <part>"), so `netd ipam inspect` shows it.
 A static --ip outside this host's part is refused. If the host's first container fails after the
 part was leased for it (a bad --ip, say), the controller's undo calls `release_address_range()` and
@@ -36,7 +36,7 @@ RTPROT_HOSTGW (110), and only those are ever changed. The next hop must be direc
 host-gw needs the hosts on one L2 segment. A peer the kernel reaches only through a gateway gets no
 route; `netd network inspect` shows why under Netd.Peers, and the log says it once per change.
 
-NAT and filtering (netd.firewall, the bridge as a "routed" bridge): traffic leaving the network's
+NAT and filtering (netd.kernel.firewall, the bridge as a "routed" bridge): traffic leaving the network's
 subnet is masqueraded; traffic to the other hosts' parts keeps the container's own address; the
 network's traffic from other hosts may enter the bridge, nothing else unsolicited may.
 """
@@ -58,12 +58,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kvstore import KeyExists, KVPair, Lease, LeaseKeeper, StoreError, VersionConflict
 from kvstore.mirror import Mirror
-from netd import netlink
-from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
-from netd.errors import BadRequest, Conflict
-from netd.ipam import IPAM, parse_subnet
-from netd.model import GLOBAL, Endpoint, Network, now
-from netd.rtnl import IFF_UP, Rtnl, configure_inside, free_inside_name, retire_named
+from netd.contract.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
+from netd.contract.errors import BadRequest, Conflict
+from netd.contract.model import GLOBAL, Endpoint, Network, now
+from netd.core.ipam import IPAM, parse_subnet
+from netd.kernel import netlink
+from netd.kernel.rtnl import IFF_UP, Rtnl, configure_inside, free_inside_name, retire_named
 
 log = logging.getLogger("netd.driver.hostgw")
 

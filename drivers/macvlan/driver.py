@@ -20,7 +20,7 @@ before anything is made; a global network's parent is checked again on each host
 container there.
 
 Endpoints. The sub-interface is created directly in the container's namespace, up, in one
-rtnetlink request (netd.rtnl.create_macvlan); address and default route follow there. MAC: from
+rtnetlink request (netd.kernel.rtnl.create_macvlan); address and default route follow there. MAC: from
 the address (02:42:a.b.c.d, as Docker) on a global network, whose addresses are unique; random on a
 local one, so that two hosts whose separate pools give out the same address do not also put the
 same MAC on the wire. passthru hands the parent (and its MAC) to one container at a time.
@@ -52,12 +52,12 @@ import os
 from ipaddress import IPv4Network
 
 from kvstore import KeyExists, KVStore, StoreError, VersionConflict
-from netd import netlink
-from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo, option_flag
-from netd.errors import BadRequest, Conflict
-from netd.ipam import IPAM
-from netd.model import GLOBAL, LOCAL, Endpoint, Network, now
-from netd.rtnl import IFF_UP, Rtnl, configure_inside, free_inside_name
+from netd.contract.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo, option_flag
+from netd.contract.errors import BadRequest, Conflict
+from netd.contract.model import GLOBAL, LOCAL, Endpoint, Network, now
+from netd.core.ipam import IPAM
+from netd.kernel import netlink
+from netd.kernel.rtnl import IFF_UP, Rtnl, configure_inside, free_inside_name
 
 log = logging.getLogger("netd.driver.macvlan")
 

@@ -1,7 +1,7 @@
 """The `null` driver (network `none`): a namespace of its own with only `lo`."""
 
-from netd.driverapi import Driver, JoinInfo
-from netd.model import Endpoint, Network
+from netd.contract.driverapi import Driver, JoinInfo
+from netd.contract.model import Endpoint, Network
 
 
 class NullDriver(Driver):

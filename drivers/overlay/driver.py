@@ -28,11 +28,11 @@ import threading
 from ipaddress import IPv4Network
 
 from kvstore import KeyExists
-from netd import netlink
-from netd.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
-from netd.errors import BadRequest, Conflict
-from netd.model import Endpoint, Network
-from netd.rtnl import Rtnl, configure_inside, free_inside_name, retire_named
+from netd.contract.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
+from netd.contract.errors import BadRequest, Conflict
+from netd.contract.model import Endpoint, Network
+from netd.kernel import netlink
+from netd.kernel.rtnl import Rtnl, configure_inside, free_inside_name, retire_named
 from runtime import namespaces
 
 log = logging.getLogger("netd.driver.overlay")

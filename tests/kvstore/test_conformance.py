@@ -19,13 +19,13 @@ from kvstore import (
     KeyExists,
     LeaseExpired,
     LeaseKeeper,
+    StoreConfigError,
     StoreError,
     Update,
     VersionConflict,
     open_store,
 )
 from kvstore.embedded import EmbeddedStore
-from netd.errors import BadRequest
 from tests.support.etcd_server import free_port
 
 from .conftest import Backend, Collector, replay, wait_until
@@ -134,7 +134,7 @@ def test_a_failing_op_means_no_op_applied_and_names_its_key(backend: Backend, fa
 
 def test_commit_refuses_two_ops_on_one_key(backend: Backend):
     key = backend.prefix + "k"
-    with pytest.raises(BadRequest, match="more than once"):
+    with pytest.raises(StoreConfigError, match="more than once"):
         backend.store.commit([Create(key, "1"), Delete(key)])
 
 
@@ -509,7 +509,7 @@ def test_a_port_that_never_answers_fails_fast(scheme: str):
     "consul://host:8500/v1/kv", "etcd://host:2379?x=1", "sqlite://relative.db", "sqlite://",
 ])
 def test_open_store_refuses_bad_urls(url: str):
-    with pytest.raises(BadRequest):
+    with pytest.raises(StoreConfigError):
         open_store(url)
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from netd.errors import BadRequest
 from runtime import namespaces, process
+from runtime.errors import BadSpec
 from runtime.process import ProcessSpec
 
 from .conftest import Containers
@@ -168,23 +168,23 @@ def mountinfo() -> list[str]:
 def test_missing_executable_fails_clearly_and_leaves_nothing(
         containers: Containers, netns: str, busybox_rootfs: str, with_rootfs: bool) -> None:
     mounts_before = mountinfo()
-    with pytest.raises(BadRequest, match="executable file not found in \\$PATH: no-such-program"):
+    with pytest.raises(BadSpec, match="executable file not found in \\$PATH: no-such-program"):
         containers.spawn(ProcessSpec(cmd=["no-such-program", "x"], netns_path=netns, hostname="x",
                                      rootfs=busybox_rootfs if with_rootfs else None, log_path=containers.log()))
     assert pids_in_netns(netns) == []
     assert mountinfo() == mounts_before
-    with pytest.raises(BadRequest, match="not found: /bin/nope"):
+    with pytest.raises(BadSpec, match="not found: /bin/nope"):
         containers.spawn(ProcessSpec(cmd=["/bin/nope"], log_path=containers.log()))
 
 
 def test_bad_netns_and_workdir_fail_clearly(containers: Containers, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="cannot join network namespace"):
         containers.spawn(ProcessSpec(cmd=["true"], netns_path=str(tmp_path / "missing"), log_path=containers.log()))
-    with pytest.raises(BadRequest, match="working directory /nonexistent"):
+    with pytest.raises(BadSpec, match="working directory /nonexistent"):
         containers.spawn(ProcessSpec(cmd=["true"], workdir="/nonexistent", log_path=containers.log()))
-    with pytest.raises(BadRequest, match="invalid hostname"):
+    with pytest.raises(BadSpec, match="invalid hostname"):
         containers.spawn(ProcessSpec(cmd=["true"], hostname="x" * 100, log_path=containers.log()))
-    with pytest.raises(BadRequest, match="no command"):
+    with pytest.raises(BadSpec, match="no command"):
         containers.spawn(ProcessSpec(cmd=[], log_path=containers.log()))
 
 

@@ -4,14 +4,14 @@ The path. The source container's network driver names the hops (Driver.trace_pat
 overlay, container eth0 -> its veth -> br0 -> vxlan0 -> underlay, then on the destination's
 host underlay -> vxlan0 -> br0 -> veth -> container eth0; for a bridge, the two veths and the
 bridge between; to an address outside, the bridge, the host's route and its uplink. Each host
-resolves its own hops to an interface in a namespace (netd.debug.resolve_point, and the driver's
+resolves its own hops to an interface in a namespace (netd.debug.points.resolve_point, and the driver's
 capture_point), so no host needs to know another's namespaces or interface names.
 
-One run. On every host of the path a capture worker (netd.capture, a short-lived process that
+One run. On every host of the path a capture worker (netd.debug.capture, a short-lived process that
 opens a packet socket per hop in the hop's namespace) starts listening with a BPF filter for the
 probe's protocol (and VXLAN on the underlay). When all are ready, the source's worker sends the
 probe from inside the source container (its own routing and ARP), and every worker reports only
-packets that are the probe or its answer (netd.packets.match_probe: ICMP id/seq and a random
+packets that are the probe or its answer (netd.debug.packets.match_probe: ICMP id/seq and a random
 token, TCP/UDP ports; VXLAN is looked into; NAT changes nothing that is matched). The trace ends
 when the answer is back at the source container, or after --timeout.
 
@@ -49,11 +49,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from netd.debugcli import DEFAULT_SIZE, DEFAULT_TIMEOUT
-from netd.errors import BadRequest, Conflict, NetdError, NotFound
-from netd.packets import Probe
+from netd.contract.errors import BadRequest, Conflict, NetdError, NotFound
+from netd.debug.commands import DEFAULT_SIZE, DEFAULT_TIMEOUT
+from netd.debug.packets import Probe
 
-log = logging.getLogger("netd.trace")
+log = logging.getLogger("netd.debug.trace")
 
 REQUESTS = "netd/trace/requests/"      # + <host>/<id>
 RESULTS = "netd/trace/results/"        # + <id>/<host>
@@ -71,11 +71,11 @@ NOTHING_FOUND = "lost"
 
 @dataclass
 class Plan:
-    network: object                 # netd.model.Network
-    source: object                  # netd.model.Endpoint
-    dest: object | None             # netd.model.Endpoint, or None for an address
+    network: object                 # netd.contract.model.Network
+    source: object                  # netd.contract.model.Endpoint
+    dest: object | None             # netd.contract.model.Endpoint, or None for an address
     address: str                    # the destination address
-    hops: list = field(default_factory=list)   # netd.driverapi.Hop
+    hops: list = field(default_factory=list)   # netd.contract.driverapi.Hop
     note: str = ""
 
 
@@ -89,7 +89,7 @@ def parse_proto(spec: str) -> tuple[str, int]:
 
 
 def plan_trace(ctl, source: str, destination: str) -> Plan:
-    from netd.debug import is_ipv4
+    from netd.debug.points import is_ipv4
 
     container = _source_container(ctl, source)
     if container.state != "running":
@@ -172,7 +172,7 @@ class HostPart:
 
     def __init__(self, ctl, network, hops: list[tuple[int, object]], probe: Probe, endpoints: dict,
                  send_from: str | None = None, seconds: float = MAX_SECONDS):
-        from netd import debug
+        from netd.debug import points as debug
 
         self.ctl = ctl
         self.probe = probe
@@ -201,7 +201,7 @@ class HostPart:
         self.before: dict[int, dict] = {}
 
     def start(self):
-        from netd.capture import Worker
+        from netd.debug.capture import Worker
 
         self.before = {i: link_facts(p) for i, p in self.points.items()}
         if self.points or self.spec["Send"]:
@@ -243,7 +243,7 @@ class HostPart:
 
 def link_facts(point) -> dict:
     """MTU and drop counters of a capture point's interface (netlink, in its namespace)."""
-    from netd import netlink
+    from netd.kernel import netlink
 
     try:
         with netlink.netns_socket(point.netns) as ipr:
@@ -264,7 +264,7 @@ def link_facts(point) -> dict:
 
 def point_facts(point, macs: list[str], addresses: list[str]) -> dict:
     """What the point's checks find: FDB entries for `macs`, routes and ARP entries for `addresses`."""
-    from netd import netlink
+    from netd.kernel import netlink
 
     facts: dict = {}
     if not point.checks:
@@ -613,7 +613,7 @@ class TraceAgent:
 
     def _validate(self, request: dict):
         """Only what this host can check itself: its networks, its endpoints, sane probe fields."""
-        from netd.driverapi import Hop
+        from netd.contract.driverapi import Hop
 
         network = self.ctl.networks.get(str(request.get("Network")))
         if network is None or network.scope != "global":

@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass, field
 
 from kvstore import KVStore
-from netd.errors import BadRequest
-from netd.model import Endpoint, Network
+from netd.contract.errors import BadRequest
+from netd.contract.model import Endpoint, Network
 
 
 def option_flag(value: str, option: str) -> bool:
@@ -42,7 +42,7 @@ class DriverContext:
     host: HostInfo
     local_store: KVStore
     cluster_store: KVStore | None
-    firewall: object             # netd.firewall.Firewall
+    firewall: object             # netd.kernel.firewall.Firewall
     run_dir: str
     lock: threading.RLock        # the controller's lock: hold it when changing shared state from a thread
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("netd.driver"))
@@ -173,7 +173,7 @@ class Driver(abc.ABC):
     def capture_point(self, network: Network, kind: str, endpoint: Endpoint | None = None) -> CapturePoint | None:
         """Where `kind` of the network (its "bridge", "vxlan", an endpoint's "veth", ...) is on
         this host, or None if it has no such thing here. "container", "underlay" and "uplink" are
-        the same for every driver and need no answer here (netd.trace finds them)."""
+        the same for every driver and need no answer here (netd.debug.trace finds them)."""
         return None
 
     def trace_path(self, network: Network, source: Endpoint, dest: Endpoint | None) -> list[Hop]:

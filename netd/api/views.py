@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from netd.controller import Controller
-from netd.model import Container, Endpoint, Network
+from netd.contract.model import Container, Endpoint, Network
+from netd.core.controller import Controller
 
 
 def network_view(ctl: Controller, network: Network, verbose: bool = True) -> dict:

@@ -23,10 +23,10 @@ from ipaddress import IPv4Address
 
 from kvstore import KVPair, KVStore, LeaseKeeper, StoreError
 from kvstore.mirror import Mirror
-from netd.driverapi import HostInfo
-from netd.model import Endpoint, now
+from netd.contract.driverapi import HostInfo
+from netd.contract.model import Endpoint, now
 
-log = logging.getLogger("netd.cluster")
+log = logging.getLogger("netd.core.cluster")
 
 HOSTS = "netd/hosts/"
 HOST_RECORDS = "netd/host-records/"

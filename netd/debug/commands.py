@@ -1,6 +1,6 @@
 """The command line of `netd capture` and `netd trace`: their help and flags.
 
-Kept apart from netd.capture and netd.trace so that building the CLI's parser stays cheap for
+Kept apart from netd.debug.capture and netd.debug.trace so that building the CLI's parser stays cheap for
 every other command; the commands themselves import their modules when they run.
 """
 
@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_TIMEOUT = 2.0     # netd.trace's default wait for the answer
-DEFAULT_SIZE = 84         # netd.trace's default probe size (IP bytes, as ping's)
+DEFAULT_TIMEOUT = 2.0     # netd.debug.trace's default wait for the answer
+DEFAULT_SIZE = 84         # netd.debug.trace's default probe size (IP bytes, as ping's)
 
 
 def cmd_capture(client, args) -> int:
-    from netd.capture import cmd_capture as run
+    from netd.debug.capture import cmd_capture as run
 
     return run(client, args)
 
 
 def cmd_trace(client, args) -> int:
-    from netd.trace import cmd_trace as run
+    from netd.debug.trace import cmd_trace as run
 
     return run(client, args)
 

@@ -12,13 +12,13 @@ entered_netns), opens a plain AF_PACKET socket there, and leaves; a packet socke
 namespace it was created in, so one process can listen in a container, in an overlay's namespace
 and on the host at once (which `netd trace` needs). The BPF filter is compiled by libpcap through
 scapy (`compile_filter`, linktype Ethernet, no interface needed) and attached before the socket is
-bound, so no unfiltered packet slips in. scapy then only dissects frames (netd.packets), builds
+bound, so no unfiltered packet slips in. scapy then only dissects frames (netd.debug.packets), builds
 probes, and writes pcap files: none of that depends on any namespace.
 
 Who runs it. `netd capture` sniffs in the CLI process itself (it is root, and in a Mininet lab it
 runs in the lab host's mount namespace, so the daemon's /run/netd paths resolve the same). The
 daemon never imports scapy: for `netd trace` it starts this module as a small worker process
-(`python -m netd.capture`, JSON lines on stdin/stdout, see `worker_main`) that dies with it.
+(`python -m netd.debug.capture`, JSON lines on stdin/stdout, see `worker_main`) that dies with it.
 
 Stopping. Ctrl-C, -c COUNT or --timeout end the capture; the pcap file is written through scapy's
 RawPcapWriter unbuffered, packet by packet, so it is complete whenever the capture stops.
@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from netd.errors import BadRequest, NetdError, Unavailable
+from netd.contract.errors import BadRequest, NetdError, Unavailable
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -59,7 +59,7 @@ IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
 
 @dataclass
 class Point:
-    """A capture point as the sniffer needs it (netd.driverapi.CapturePoint, on the wire)."""
+    """A capture point as the sniffer needs it (netd.contract.driverapi.CapturePoint, on the wire)."""
 
     netns: str
     ifname: str
@@ -84,7 +84,7 @@ class Frame:
 def compile_filter(expression: str) -> bytes:
     """The classic BPF program of a tcpdump filter expression, as `struct sock_filter[]` bytes.
     Raises BadRequest with libpcap's message if the expression is wrong."""
-    from netd.packets import quiet_scapy
+    from netd.debug.packets import quiet_scapy
 
     quiet_scapy()
     try:
@@ -246,7 +246,7 @@ class PcapFile:
     """A pcap file (Ethernet) that is complete after every packet: scapy's RawPcapWriter, unbuffered."""
 
     def __init__(self, path: str):
-        from netd.packets import quiet_scapy
+        from netd.debug.packets import quiet_scapy
 
         quiet_scapy()
         from scapy.utils import RawPcapWriter
@@ -272,8 +272,8 @@ class PcapFile:
 
 def cmd_capture(client, args) -> int:
     """Ask the daemon where TARGET is, sniff there, print a line per packet, write pcap."""
-    from netd import packets
-    from netd.client import q
+    from urllib.parse import quote
+    from netd.debug import packets
 
     if args.count is not None and args.count < 1:
         raise BadRequest(f"invalid -c {args.count}: give a number of packets, 1 or more")
@@ -282,7 +282,7 @@ def cmd_capture(client, args) -> int:
     if os.geteuid() != 0:
         raise BadRequest("netd capture needs root: it opens packet sockets in netd's namespaces (try sudo)")
     query = {"iface": args.interface} if args.interface else None
-    target = client.request("GET", f"/debug/capture-targets/{q(args.target)}", query=query)
+    target = client.request("GET", f"/debug/capture-targets/{quote(args.target, safe='')}", query=query)
     names = packets.Names.from_json(client.request("GET", "/debug/names"))
     expression = args.filter if args.filter is not None else target.get("Filter", "")
     # Lines name a container's interface "web:eth0", any other by its own name (br0, vxlan0, eth0).
@@ -349,7 +349,7 @@ class Interrupts:
 
 def show(frame: Frame, pcap: PcapFile | None, names, output: str) -> None:
     """One captured frame: into the pcap file, and a line (or a JSON object) on stdout."""
-    from netd import packets
+    from netd.debug import packets
 
     if pcap is not None:
         pcap.write(frame)
@@ -367,7 +367,7 @@ class Worker:
     """A capture worker process, as the daemon sees it: JSON lines in and out.
 
     The daemon never imports scapy nor enters a namespace for a long time; it starts
-    `python -m netd.capture` with a spec, waits for "Ready", tells it to "Send" the probe, and
+    `python -m netd.debug.capture` with a spec, waits for "Ready", tells it to "Send" the probe, and
     "Stop"s it. Records arrive on a reader thread; the worker dies with the daemon.
     """
 
@@ -388,7 +388,7 @@ class Worker:
         env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "netd.capture"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "netd.debug.capture"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._stderr, text=True, env=env, close_fds=True,
         )
         self._tell(self.spec)
@@ -464,7 +464,7 @@ class Worker:
 
 
 def worker_main() -> int:
-    """`python -m netd.capture`: read a spec line, capture, report matching probe packets.
+    """`python -m netd.debug.capture`: read a spec line, capture, report matching probe packets.
 
     Spec: {"Points": [{"Netns", "Interface", "Label", "Filter"}], "Probe": {...} or null,
     "Send": {"Netns": path} or null, "Seconds": max lifetime}. Then "Send" and "Stop" lines.
@@ -472,7 +472,7 @@ def worker_main() -> int:
     """
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the daemon's Ctrl-C is the daemon's to handle
-    from netd import packets
+    from netd.debug import packets
 
     def say(message: dict) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
@@ -581,7 +581,7 @@ class ProbeSender:
             self.sock.setblocking(False)
 
     def send(self) -> float:
-        from netd import packets
+        from netd.debug import packets
 
         probe = self.probe
         if probe.proto == "icmp":

@@ -13,7 +13,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from netd.errors import BadRequest
+from netd.contract.errors import BadRequest
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 MAX_NAME_LENGTH = 64

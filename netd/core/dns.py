@@ -21,7 +21,7 @@ from collections.abc import Callable
 from runtime.etcfiles import EMBEDDED_DNS, read_resolv_conf
 from runtime.namespaces import open_in_netns
 
-log = logging.getLogger("netd.dns")
+log = logging.getLogger("netd.core.dns")
 
 TYPE_A, TYPE_PTR, TYPE_AAAA = 1, 12, 28
 CLASS_IN = 1

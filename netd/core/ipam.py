@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from kvstore import KeyExists, KVStore, StoreError, VersionConflict
-from netd.errors import BadRequest, Conflict, NotFound
-from netd.model import now
+from netd.contract.errors import BadRequest, Conflict, NotFound
+from netd.contract.model import now
 
 PREFIX = "netd/ipam/"
 POOLS = PREFIX + "pools/"

@@ -100,10 +100,10 @@ from typing import Any
 
 import nftables
 
-from netd.errors import BadRequest, Conflict, Internal, NotFound
+from netd.contract.errors import BadRequest, Conflict, Internal, NotFound
 from runtime.namespaces import entered_netns
 
-log = logging.getLogger("netd.firewall")
+log = logging.getLogger("netd.kernel.firewall")
 
 FAMILY = "ip"
 PROTOCOLS = ("tcp", "udp", "sctp")

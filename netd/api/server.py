@@ -1,7 +1,7 @@
 """The daemon's REST API on a Unix socket (Docker Engine API paths and field names where
 Docker has them). One function per route, each taking the request's JSON body or query.
 
-Errors are typed (netd.errors) and mapped once, here, to HTTP statuses with a JSON body
+Errors are typed (netd.contract.errors) and mapped once, here, to HTTP statuses with a JSON body
 `{"message": "..."}` as Docker's API does.
 """
 
@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlparse
 
-import netd
-from netd import views
-from netd.controller import Controller, parse_port_proto
-from netd.errors import BadRequest, NetdError, NotFound
-from netd.model import PortBinding
+from netd.api import views
+from netd.api.errors import reported
+from netd.contract import API_VERSION, VERSION
+from netd.contract.errors import BadRequest, Internal, NotFound
+from netd.contract.model import PortBinding
+from netd.core.controller import Controller, parse_port_proto
 
-log = logging.getLogger("netd.api")
+log = logging.getLogger("netd.api.server")
 
 Handler = Callable[..., object]
 ROUTES: list[tuple[str, re.Pattern, Handler]] = []
@@ -56,7 +57,7 @@ def ping(ctl: Controller, query, body):
 
 @route("GET", "/version")
 def version(ctl: Controller, query, body):
-    return {"Version": netd.__version__, "ApiVersion": netd.API_VERSION, "Os": "linux"}
+    return {"Version": VERSION, "ApiVersion": API_VERSION, "Os": "linux"}
 
 
 @route("GET", "/info")
@@ -251,23 +252,23 @@ def ipam_lookup(ctl: Controller, query, body, address):
     return ctl.ipam_lookup(address)
 
 
-# --- debugging: netd capture and netd trace (netd.debug, netd.trace) -----------------------
+# --- debugging: netd capture and netd trace (netd.debug.points, netd.debug.trace) -----------------------
 
 @route("GET", "/debug/capture-targets/{target}")
 def debug_capture_target(ctl: Controller, query, body, target):
-    from netd import debug
+    from netd.debug import points as debug
     return debug.capture_target(ctl, target, query.get("iface") or None)
 
 
 @route("GET", "/debug/names")
 def debug_names(ctl: Controller, query, body):
-    from netd import debug
+    from netd.debug import points as debug
     return debug.names(ctl)
 
 
 @route("POST", "/debug/trace")
 def debug_trace(ctl: Controller, query, body):
-    from netd import trace
+    from netd.debug import trace
     return trace.run_trace(ctl, _required(body, "Source"), _required(body, "Destination"),
                            proto=body.get("Proto") or "icmp", size=body.get("Size"), timeout=body.get("Timeout"))
 
@@ -312,11 +313,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise BadRequest("the request body must be a JSON object")
             status, result = dispatch(self.server.controller, method, path, query, body)
-        except NetdError as e:
-            status, result = e.status, {"message": e.message}
         except Exception as e:  # noqa: BLE001 - report, keep serving
-            log.exception("%s %s failed", method, path)
-            status, result = 500, {"message": f"internal error: {e}"}
+            error = reported(e)
+            if error is None:
+                log.exception("%s %s failed", method, path)
+                error = Internal(f"internal error: {e}")
+            status, result = error.status, {"message": error.message}
         if isinstance(result, Stream):
             self._send_stream(status, result)
         else:

@@ -18,9 +18,10 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from netd.errors import BadRequest, NetdError
+from netd.api.errors import KNOWN, reported
+from netd.contract.errors import BadRequest, NetdError
 
-log = logging.getLogger("netd.daemon")
+log = logging.getLogger("netd.api.daemon")
 
 DEFAULT_RUN_DIR = "/run/netd"
 DEFAULT_DATA_DIR = "/var/lib/netd"
@@ -119,7 +120,8 @@ def run_daemon(args) -> int:
     try:
         daemon = Daemon(settings)
         daemon.start()
-    except NetdError as e:
+    except KNOWN as e:
+        e = reported(e)
         log.error("%s", e)
         print(f"netd daemon: {e}", file=sys.stderr)
         return 1
@@ -136,11 +138,11 @@ class Daemon:
 
     def start(self) -> None:
         from kvstore import open_store
-        from netd import netlink
-        from netd.api import ApiServer
-        from netd.controller import Controller, Paths
-        from netd.driverapi import HostInfo
-        from netd.firewall import Firewall
+        from netd.api.server import ApiServer
+        from netd.contract.driverapi import HostInfo
+        from netd.core.controller import Controller, Paths
+        from netd.kernel import netlink
+        from netd.kernel.firewall import Firewall
         from runtime.process import Reaper
 
         s = self.settings
@@ -170,7 +172,7 @@ class Daemon:
         self.controller.info_extra = self.info
         self.controller.start()
         if self.controller.cluster is not None:
-            from netd.trace import TraceAgent  # serves other hosts' `netd trace` (through the store)
+            from netd.debug.trace import TraceAgent  # serves other hosts' `netd trace` (through the store)
 
             self.trace_agent = TraceAgent(self.controller).start()
         self.server = ApiServer(s.socket_path, self.controller)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from netd import netlink
-from netd.driverapi import CapturePoint
-from netd.errors import BadRequest, Conflict, NotFound
-from netd.model import Container, Endpoint, Network
+from netd.contract.driverapi import CapturePoint
+from netd.contract.errors import BadRequest, Conflict, NotFound
+from netd.contract.model import Container, Endpoint, Network
+from netd.kernel import netlink
 
 UNDERLAY_FILTER = "udp port 4789"
 TARGET_KINDS = "CONTAINER, network:NAME, vxlan:NAME or underlay"

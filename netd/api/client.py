@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterator
 from urllib.parse import quote, urlencode
 
-from netd.errors import NetdError, Unavailable, error_for_status
+from netd.contract.errors import NetdError, Unavailable, error_for_status
 
 DEFAULT_SOCKET = "/run/netd/netd.sock"
 

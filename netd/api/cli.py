@@ -13,9 +13,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from netd import __version__
-from netd.client import Client, q
-from netd.errors import BadRequest, NetdError
+from netd.api.client import Client, q
+from netd.contract import VERSION as __version__
+from netd.contract.errors import BadRequest, NetdError
 
 # `netd run` exit codes for failures of netd itself, as `docker run` (125: the daemon refused).
 EXIT_RUN_FAILED = 125
@@ -332,7 +332,7 @@ def cmd_version(client: Client, args) -> int:
 
 
 def cmd_daemon(args) -> int:
-    from netd.daemon import run_daemon
+    from netd.api.daemon import run_daemon
 
     return run_daemon(args)
 
@@ -492,8 +492,8 @@ def add_ipam_commands(sub) -> None:
 
 
 def add_debug_commands(sub) -> None:
-    """netd capture and netd trace (netd.debugcli; the work is in netd.capture and netd.trace)."""
-    from netd.debugcli import add_capture_command, add_trace_command
+    """netd capture and netd trace (netd.debug.commands; the work is in netd.debug.capture and netd.debug.trace)."""
+    from netd.debug.commands import add_capture_command, add_trace_command
 
     add_capture_command(sub)
     add_trace_command(sub)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-log = logging.getLogger("netd.undo")
+log = logging.getLogger("netd.core.undo")
 
 
 class Undo:

@@ -2,7 +2,7 @@
 
 It owns networks, endpoints and containers, keeps them in the stores, asks IPAM for
 addresses, the drivers for data planes and the runtime for sandboxes and processes.
-Every operation is all-or-nothing (netd.undo): a failure at any step undoes the steps
+Every operation is all-or-nothing (netd.core.undo): a failure at any step undoes the steps
 before it, so no veth, namespace, address or store key is left behind.
 
 State lives in the stores; the controller keeps an in-memory copy for speed and takes
@@ -23,13 +23,9 @@ from ipaddress import IPv4Network
 
 import drivers
 from kvstore import Create, Delete, KeyExists, KVStore, StoreError, VersionConflict
-from netd import netlink
-from netd.cluster import Cluster
-from netd.dns import Resolver
-from netd.driverapi import Driver, DriverContext, HostInfo, JoinInfo
-from netd.errors import BadRequest, Conflict, NetdError, NotFound
-from netd.ipam import IPAM, parse_address
-from netd.model import (
+from netd.contract.driverapi import Driver, DriverContext, HostInfo, JoinInfo
+from netd.contract.errors import BadRequest, Conflict, NotFound
+from netd.contract.model import (
     GLOBAL,
     LOCAL,
     Container,
@@ -41,12 +37,17 @@ from netd.model import (
     new_id,
     now,
 )
-from netd.names import random_name
-from netd.rtnl import Rtnl, flush_retired, stop_retirer
-from netd.undo import Undo
+from netd.core.cluster import Cluster
+from netd.core.dns import Resolver
+from netd.core.ipam import IPAM, parse_address
+from netd.core.names import random_name
+from netd.core.undo import Undo
+from netd.kernel import netlink
+from netd.kernel.rtnl import Rtnl, flush_retired, stop_retirer
 from runtime import etcfiles, namespaces, process
+from runtime.errors import RuntimeFailure
 
-log = logging.getLogger("netd.controller")
+log = logging.getLogger("netd.core.controller")
 
 NETWORKS = "netd/networks/"
 NETWORK_NAMES = "netd/network-names/"
@@ -627,7 +628,7 @@ class Controller:
         )
         try:
             handle = process.spawn(spec)
-        except NetdError:
+        except RuntimeFailure:
             raise
         except (OSError, RuntimeError, ValueError) as e:
             raise BadRequest(f"cannot start {container.cmd[0]}: {e}") from None
@@ -1029,7 +1030,7 @@ class Controller:
     # --- information ------------------------------------------------------------------------
 
     def info(self) -> dict:
-        from netd import __version__
+        from netd.contract import VERSION as __version__
 
         hosts = self.cluster.host_list() if self.cluster is not None else []
         with self.lock:
