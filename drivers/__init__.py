@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+from collections.abc import Callable
 
 from netd.contract.driverapi import Driver, DriverContext
 from netd.contract.errors import BadRequest
@@ -31,8 +32,9 @@ def driver_classes() -> dict[str, type[Driver]]:
     return found
 
 
-def load_drivers(ctx: DriverContext) -> dict[str, Driver]:
-    return {name: cls(ctx) for name, cls in driver_classes().items()}
+def load_drivers(context_for: Callable[[str], DriverContext]) -> dict[str, Driver]:
+    """Every driver, each with its own context (`context_for(name)`: its folders of the stores)."""
+    return {name: cls(context_for(name)) for name, cls in driver_classes().items()}
 
 
 def unknown_driver(name: str, known: dict[str, Driver]) -> BadRequest:

@@ -7,6 +7,8 @@ from netd.contract.model import Endpoint, Network
 class HostDriver(Driver):
     name = "host"
     has_addresses = False
+    namespace_mode = True
+    uses_host_namespace = True
 
     def create_network(self, network: Network) -> None:
         pass

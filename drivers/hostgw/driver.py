@@ -60,8 +60,7 @@ from kvstore import KeyExists, KVPair, Lease, LeaseKeeper, StoreError, VersionCo
 from kvstore.mirror import Mirror
 from netd.contract.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo
 from netd.contract.errors import BadRequest, Conflict
-from netd.contract.model import GLOBAL, Endpoint, Network, now
-from netd.core.ipam import IPAM, parse_subnet
+from netd.contract.model import GLOBAL, Endpoint, Network, now, parse_subnet
 from netd.kernel import netlink
 from netd.kernel.rtnl import IFF_UP, Rtnl, configure_inside, free_inside_name, retire_named
 
@@ -72,7 +71,7 @@ OPT_LEASE_TTL = "lease_ttl"
 DEFAULT_SUBNET_LEN = 24
 DEFAULT_LEASE_TTL = 30
 MIN_LEASE_TTL, MAX_LEASE_TTL = 2, 86400
-LEASES = "netd/hostgw/leases/"
+LEASES = "leases/"                  # in the driver's own folder of the cluster store
 RTPROT_HOSTGW = 110            # "proto 110" in `ip route`: routes to other hosts' parts
 BRIDGE_PREFIX = "hg-"
 RECONCILE_INTERVAL = 2.0
@@ -155,7 +154,7 @@ class HostgwDriver(Driver):
 
     @property
     def host_key(self) -> str:
-        return self.ctx.host.address or self.ctx.host.name
+        return self.ctx.host.key
 
     # --- options ----------------------------------------------------------------------------
 
@@ -326,7 +325,7 @@ class HostgwDriver(Driver):
         keeper = LeaseKeeper(lease, on_lost=lambda: self._lease_lost(network.id)).start()
         part = Part(network, subnet, lease, keeper)
         try:
-            self._ipam().reserve(network.id, part.gateway, kind="gateway", name=gateway_name(subnet))
+            self.ctx.addresses.take(network, gateway_name(subnet), kind="gateway", address=part.gateway)
         except Exception:
             keeper.stop()
             self._release_lease(part)
@@ -390,20 +389,16 @@ class HostgwDriver(Driver):
         """Parts where another host's containers still have addresses (a host that died keeps
         them until the cluster reclaims its endpoints)."""
         used = set()
-        for allocation in self._ipam().allocations(network.id):
+        for allocation in self.ctx.addresses.held(network):
             if allocation.kind == "endpoint" and allocation.host != self.host_key:
                 used.add(IPv4Network(f"{allocation.address}/{length}", strict=False))
         return used
 
-    def _ipam(self) -> IPAM:
-        return IPAM(self.ctx.cluster_store, self.host_key, GLOBAL)
-
     def host_gone(self, network: Network, address: str) -> None:
         """Free the gateway a dead host reserved for its part, so the part can be leased again."""
-        ipam = self._ipam()
-        for allocation in ipam.allocations(network.id):
+        for allocation in self.ctx.addresses.held(network):
             if allocation.kind == "gateway" and allocation.host == address and allocation.name.startswith("hostgw "):
-                ipam.release_reserved(network.id, allocation.address, allocation.name)
+                self.ctx.addresses.give_back(network, allocation.address, allocation.name)
 
     def _build(self, part: Part) -> None:
         """The bridge with the part's gateway, and its firewall rules. Idempotent (a restart)."""
@@ -439,7 +434,7 @@ class HostgwDriver(Driver):
         part.keeper.stop()
         self._release_lease(part)
         with contextlib.suppress(StoreError):
-            self._ipam().release_reserved(network.id, part.gateway, gateway_name(part.subnet))
+            self.ctx.addresses.give_back(network, part.gateway, gateway_name(part.subnet))
         with contextlib.suppress(Exception):
             self.ctx.firewall.remove_network(network.id)
         with netlink.netns_socket(None) as ipr:
@@ -468,7 +463,7 @@ class HostgwDriver(Driver):
                 if info.get("PublicIP") == self.ctx.host.address:
                     with contextlib.suppress(VersionConflict):
                         store.delete(pair.key, pair.version)
-                    self._ipam().release_reserved(network.id, str(subnet.network_address + 1), gateway_name(subnet))
+                    self.ctx.addresses.give_back(network, str(subnet.network_address + 1), gateway_name(subnet))
         with contextlib.suppress(Exception):
             self.ctx.firewall.remove_network(network.id)
         with netlink.netns_socket(None) as ipr:

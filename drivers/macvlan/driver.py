@@ -55,7 +55,6 @@ from kvstore import KeyExists, KVStore, StoreError, VersionConflict
 from netd.contract.driverapi import CapturePoint, Driver, DriverContext, Hop, JoinInfo, option_flag
 from netd.contract.errors import BadRequest, Conflict
 from netd.contract.model import GLOBAL, LOCAL, Endpoint, Network, now
-from netd.core.ipam import IPAM
 from netd.kernel import netlink
 from netd.kernel.rtnl import IFF_UP, Rtnl, configure_inside, free_inside_name
 
@@ -67,8 +66,8 @@ OPT_HOST_ACCESS = "host_access"
 MODES = ("bridge", "private", "vepa", "passthru")
 IFF_LOOPBACK = 0x8
 
-CLAIMS = "netd/macvlan/parents/"            # <parent> -> {"Network", "Name"}: local or cluster store
-ADVERTS = "netd/macvlan/local-networks/"    # <host>/<network id> -> {"Name", "Subnet", "Parent", ...}
+CLAIMS = "parents/"                      # <parent> -> {"Network", "Name"}: local or cluster store
+ADVERTS = "local-networks/"              # <host>/<network id> -> {"Name", "Subnet", "Parent", ...}
 SHIM_PREFIX = "mvh-"
 
 
@@ -86,7 +85,7 @@ class MacvlanDriver(Driver):
     @property
     def host_key(self) -> str:
         """How this host names itself in the stores (the controller's host key)."""
-        return self.ctx.host.address or self.ctx.host.name
+        return self.ctx.host.key
 
     # --- options ----------------------------------------------------------------------------
 
@@ -379,19 +378,15 @@ class MacvlanDriver(Driver):
     def _shim_name(self, network: Network) -> str:
         return netlink.interface_name(SHIM_PREFIX, network.id)
 
-    def _ipam(self, network: Network) -> IPAM:
-        store = self.ctx.cluster_store if network.scope == GLOBAL else self.ctx.local_store
-        return IPAM(store, self.host_key, network.scope)
-
     def _shim_address_name(self, host: str | None = None) -> str:
         return f"host-access {host or self.host_key}"
 
     def host_gone(self, network: Network, address: str) -> None:
         """Free a dead host's host-access shim address."""
-        ipam, owner = self._ipam(network), self._shim_address_name(address)
-        for allocation in ipam.allocations(network.id):
+        owner = self._shim_address_name(address)
+        for allocation in self.ctx.addresses.held(network):
             if allocation.kind == "aux" and allocation.name == owner:
-                ipam.release_reserved(network.id, allocation.address, owner)
+                self.ctx.addresses.give_back(network, allocation.address, owner)
 
     def _ensure_shim(self, network: Network) -> None:
         """The host's own macvlan on the parent, up, with its address from the network's pool."""
@@ -415,11 +410,11 @@ class MacvlanDriver(Driver):
         self._shims[network.id] = (name, address)
 
     def _shim_address(self, network: Network) -> str:
-        ipam, owner = self._ipam(network), self._shim_address_name()
-        for allocation in ipam.allocations(network.id):
+        owner = self._shim_address_name()
+        for allocation in self.ctx.addresses.held(network):
             if allocation.kind == "aux" and allocation.name == owner:
                 return allocation.address
-        return ipam.allocate(network.id, kind="aux", name=owner)
+        return self.ctx.addresses.take(network, owner)
 
     def _remove_shim_if_unused(self, network: Network) -> None:
         if not self._local.get(network.id):
@@ -431,7 +426,7 @@ class MacvlanDriver(Driver):
             netlink.delete_link(ipr, self._shim_name(network))
         if shim is not None:
             with contextlib.suppress(StoreError):
-                self._ipam(network).release_reserved(network.id, shim[1], self._shim_address_name())
+                self.ctx.addresses.give_back(network, shim[1], self._shim_address_name())
 
     def _add_host_route(self, network: Network, address: str) -> None:
         name, _ = self._shims[network.id]

@@ -7,6 +7,7 @@ from netd.contract.model import Endpoint, Network
 class NullDriver(Driver):
     name = "null"
     has_addresses = False
+    namespace_mode = True
 
     def create_network(self, network: Network) -> None:
         pass

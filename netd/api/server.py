@@ -208,7 +208,7 @@ def _follow_log(ctl: Controller, container_id: str) -> Iterator[bytes]:
             if chunk:
                 yield chunk
                 continue
-            container = ctl.containers.get(container_id)
+            container = ctl.container_by_id(container_id)
             if container is None or container.state != "running":
                 rest = f.read()
                 if rest:

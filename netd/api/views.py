@@ -32,7 +32,7 @@ def network_view(ctl: Controller, network: Network, verbose: bool = True) -> dic
         view["Containers"] = {
             e.container_id: endpoint_view(e) for e in ctl.network_endpoints(network)
         }
-        driver = ctl.drivers.get(network.driver)
+        driver = ctl.driver_of(network)
         if driver is not None:
             view["Netd"] = driver.inspect(network)
     return view
@@ -59,7 +59,7 @@ def container_summary(ctl: Controller, container: Container) -> dict:
         "State": container.state,
         "Status": _status(container),
         "Ports": [port_view(p) for p in container.ports],
-        "Networks": [ctl.networks[n].name for n in container.networks if n in ctl.networks] or [container.network_mode],
+        "Networks": [n.name for nid in container.networks if (n := ctl.network_by_id(nid)) is not None] or [container.network_mode],
     }
 
 
@@ -94,7 +94,7 @@ def port_view(port) -> dict:
 def container_view(ctl: Controller, container: Container) -> dict:
     networks = {}
     for endpoint in ctl.container_endpoints(container):
-        network = ctl.networks.get(endpoint.network_id)
+        network = ctl.network_by_id(endpoint.network_id)
         address, _, prefix = endpoint.ipv4.partition("/")
         networks[network.name if network else endpoint.network_id] = {
             "NetworkID": endpoint.network_id,

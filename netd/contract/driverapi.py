@@ -34,10 +34,46 @@ class HostInfo:
     name: str                    # hostname
     address: str = ""            # --cluster-advertise: this host's underlay address
 
+    @property
+    def key(self) -> str:
+        """How endpoints, allocations and leases name this host: its advertise address in a
+        cluster, its hostname alone."""
+        return self.address or self.name
+
+
+@dataclass
+class Held:
+    """An address a driver holds for itself in a network's pool (a part's gateway, a shim)."""
+
+    address: str
+    kind: str                    # gateway, aux, or endpoint (held by the controller for a container)
+    name: str                    # who holds it, e.g. "hostgw 10.5.1.0/24", "host-access 192.168.1.2"
+    host: str                    # the host key of the host that took it
+
+
+class AddressBook(abc.ABC):
+    """Addresses a driver takes for itself from a network's pool (the controller owns IPAM:
+    drivers never construct it). Global networks' addresses are unique across the cluster."""
+
+    @abc.abstractmethod
+    def held(self, network: Network) -> list[Held]:
+        """Every address of the network's pool that is in use, by whom."""
+
+    @abc.abstractmethod
+    def take(self, network: Network, name: str, kind: str = "aux", address: str | None = None,
+             within: str | None = None) -> str:
+        """Hold `address` (or the next free one, inside the CIDR `within` if given) under `name`."""
+
+    @abc.abstractmethod
+    def give_back(self, network: Network, address: str, name: str) -> None:
+        """Release what `take` held; nothing happens if `name` does not hold it."""
+
 
 @dataclass
 class DriverContext:
-    """What a driver may use. Drivers never reach into the API layer or the controller."""
+    """What a driver may use. Drivers never reach into the API layer or the controller, never
+    construct IPAM and never see netd's key layout: `local_store` and `cluster_store` are the
+    driver's own folders of the stores (keys relative to them, e.g. "leases/<network id>/...")."""
 
     host: HostInfo
     local_store: KVStore
@@ -45,6 +81,7 @@ class DriverContext:
     firewall: object             # netd.kernel.firewall.Firewall
     run_dir: str
     lock: threading.RLock        # the controller's lock: hold it when changing shared state from a thread
+    addresses: AddressBook | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("netd.driver"))
 
 
@@ -87,6 +124,10 @@ class Driver(abc.ABC):
     known_options: frozenset[str] = frozenset()
     has_addresses: bool = True   # whether endpoints get IP addresses (host and null do not)
     supports_ports: bool = False
+    # The network is a choice of namespace, nothing to plumb (host, null): one built-in network
+    # of it, chosen at `run` only, no ports, no --ip, no interface.
+    namespace_mode: bool = False
+    uses_host_namespace: bool = False   # the container runs in the host's namespace (host)
 
     def __init__(self, ctx: DriverContext):
         self.ctx = ctx
@@ -158,6 +199,10 @@ class Driver(abc.ABC):
     def network_warning(self, network: Network) -> str:
         """Something the user should know about a network that was just created (the CLI prints
         it), e.g. macvlan: another host has a local network on the same subnet."""
+        return ""
+
+    def default_host_ip(self, network: Network) -> str:
+        """The host address published ports bind to when the user names none ("": all)."""
         return ""
 
     def publish_ports(self, network: Network, endpoint: Endpoint, ports: list) -> None:

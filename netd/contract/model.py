@@ -12,6 +12,7 @@ import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Network
 
 from netd.contract.errors import BadRequest
 
@@ -169,3 +170,24 @@ class Container:
         if self.network_mode.startswith("container:"):
             return self.network_mode.split(":", 1)[1]
         return None
+
+
+def parse_subnet(text: str, what: str = "subnet") -> IPv4Network:
+    try:
+        net = IPv4Network(text, strict=False)
+    except ValueError:
+        raise BadRequest(f"invalid {what} {text!r}: expected an IPv4 CIDR such as 172.20.0.0/16") from None
+    if "/" not in text:
+        raise BadRequest(f"invalid {what} {text!r}: give a prefix length, e.g. {text}/24")
+    if str(net) != text:
+        raise BadRequest(f"invalid {what} {text}: it has host bits set; did you mean {net}?")
+    if net.prefixlen > 30:
+        raise BadRequest(f"{what} {text} is too small: it needs room for a gateway and containers (at most /30)")
+    return net
+
+
+def parse_address(text: str, what: str = "address") -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise BadRequest(f"invalid {what} {text!r}: expected an IPv4 address such as 172.20.0.5") from None

@@ -28,10 +28,7 @@ from netd.contract.model import Endpoint, now
 
 log = logging.getLogger("netd.core.cluster")
 
-HOSTS = "netd/hosts/"
-HOST_RECORDS = "netd/host-records/"
-NETWORKS = "netd/networks/"
-ENDPOINTS = "netd/endpoints/"
+from netd.core.keys import ENDPOINTS, HOST_RECORDS, HOSTS, NETWORKS  # noqa: E402
 
 
 class ClusterListener:

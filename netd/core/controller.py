@@ -23,6 +23,7 @@ from ipaddress import IPv4Network
 
 import drivers
 from kvstore import Create, Delete, KeyExists, KVStore, StoreError, VersionConflict
+from kvstore.prefixed import PrefixedStore
 from netd.contract.driverapi import Driver, DriverContext, HostInfo, JoinInfo
 from netd.contract.errors import BadRequest, Conflict, NotFound
 from netd.contract.model import (
@@ -37,9 +38,19 @@ from netd.contract.model import (
     new_id,
     now,
 )
+from netd.core.addresses import IpamAddressBook
 from netd.core.cluster import Cluster
 from netd.core.dns import Resolver
 from netd.core.ipam import IPAM, parse_address
+from netd.core.keys import (
+    CONTAINER_NAMES,
+    CONTAINERS,
+    ENDPOINTS,
+    NETWORK_NAMES,
+    NETWORKS,
+    driver_folder,
+    endpoint_name_key,
+)
 from netd.core.names import random_name
 from netd.core.undo import Undo
 from netd.kernel import netlink
@@ -49,11 +60,6 @@ from runtime.errors import RuntimeFailure
 
 log = logging.getLogger("netd.core.controller")
 
-NETWORKS = "netd/networks/"
-NETWORK_NAMES = "netd/network-names/"
-ENDPOINTS = "netd/endpoints/"
-CONTAINERS = "netd/containers/"
-CONTAINER_NAMES = "netd/container-names/"
 
 DEFAULT_BRIDGE_NETWORK = "bridge"
 BUILTIN_NETWORKS = {"bridge": "bridge", "host": "host", "none": "null"}
@@ -144,15 +150,13 @@ class Controller:
         self.host_resolv_conf = etcfiles.read_resolv_conf(resolv_conf)
         self.resolver = Resolver(self.resolve_name, self.resolve_address, resolv_conf)
         # How endpoints and allocations name this host: its advertise address in a cluster.
-        self.host_key = host.address or host.name
+        self.host_key = host.key
         self.ipam = {LOCAL: IPAM(local_store, self.host_key, LOCAL)}
         self.cluster: Cluster | None = None
         if cluster_store is not None:
             self.ipam[GLOBAL] = IPAM(cluster_store, self.host_key, GLOBAL)
             self.cluster = Cluster(cluster_store, host, self, ttl=host_ttl, reclaim_after=reclaim_after)
-        self.drivers: dict[str, Driver] = drivers.load_drivers(
-            DriverContext(host, local_store, cluster_store, firewall, paths.run_dir, self.lock)
-        )
+        self.drivers: dict[str, Driver] = drivers.load_drivers(self._driver_context)
         self.networks: dict[str, Network] = {}
         self.endpoints = EndpointTable()                # endpoints on this host (any scope)
         self.containers: dict[str, Container] = {}
@@ -161,6 +165,13 @@ class Controller:
         self._exit_waiters: dict[str, threading.Event] = {}
         self._removal_held: set[str] = set()
         self.info_extra = None     # the daemon adds its own facts (socket, stores, firewall) to info()
+
+    def _driver_context(self, name: str) -> DriverContext:
+        """A driver's view of the daemon: its own folders of the stores, the address book."""
+        folder = driver_folder(name)
+        return DriverContext(self.host, PrefixedStore(self.local_store, folder),
+                             PrefixedStore(self.cluster_store, folder) if self.cluster_store is not None else None,
+                             self.firewall, self.paths.run_dir, self.lock, addresses=IpamAddressBook(self.ipam))
 
     # --- start-up and shutdown --------------------------------------------------------------
 
@@ -365,7 +376,7 @@ class Controller:
             if self._find_network(name) is not None:
                 raise Conflict(f"network with name {name} already exists")
             impl = self.drivers[driver]
-            if driver in ("host", "null") and not builtin:
+            if impl.namespace_mode and not builtin:
                 raise BadRequest(f"only one instance of the {driver!r} network is allowed (it exists already)")
             scope = scope or impl.scope
             if scope not in (LOCAL, GLOBAL):
@@ -555,9 +566,9 @@ class Controller:
             container.netns = root.netns if root else target.netns
             return None, target
         network = self.get_network(mode)
-        if network.driver in ("host", "null") and (ports or publish_all):
+        if self.drivers[network.driver].namespace_mode and (ports or publish_all):
             raise BadRequest(f"conflicting options: ports cannot be published with --network {network.name}")
-        if network.driver in ("host", "null") and ip:
+        if self.drivers[network.driver].namespace_mode and ip:
             raise BadRequest(f"conflicting options: --ip cannot be used with --network {network.name}")
         if ip and network.builtin:
             raise BadRequest("--ip needs a user-defined network: create one with netd network create --subnet ...")
@@ -573,7 +584,7 @@ class Controller:
         undo.push(shutil.rmtree, run_dir, True)
         os.makedirs(data_dir, exist_ok=True)
         undo.push(shutil.rmtree, data_dir, True)
-        if shared is not None or (network is not None and network.driver == "host"):
+        if shared is not None or (network is not None and self.drivers[network.driver].uses_host_namespace):
             return
         container.netns = self.paths.netns(container.id)
         namespaces.create_netns(container.netns)
@@ -768,6 +779,28 @@ class Controller:
             return self.containers.get(container.shares_netns_of, container)
         return container
 
+    def netns_owner(self, container: Container) -> Container:
+        """The container whose namespace `container` runs in (itself, or the one it shares)."""
+        with self.lock:
+            return self._netns_owner(container)
+
+    def local_endpoint(self, endpoint_id: str) -> Endpoint | None:
+        """An endpoint on this host, by id."""
+        with self.lock:
+            return self.endpoints.get(endpoint_id)
+
+    def container_by_id(self, container_id: str) -> Container | None:
+        with self.lock:
+            return self.containers.get(container_id)
+
+    def network_by_id(self, network_id: str) -> Network | None:
+        with self.lock:
+            return self.networks.get(network_id)
+
+    def driver_of(self, network: Network) -> Driver | None:
+        """The network's driver, None if this daemon does not have it."""
+        return self.drivers.get(network.driver)
+
     # --- connect / disconnect ---------------------------------------------------------------
 
     def connect(self, network_ref: str, container_ref: str, ip: str | None = None, aliases: list[str] | None = None) -> Endpoint:
@@ -778,7 +811,7 @@ class Controller:
                 raise Conflict(f"container {container.name} is not running")
             if container.network_mode == "host" or container.shares_netns_of:
                 raise Conflict(f"container {container.name} shares another network namespace ({container.network_mode}): it cannot join other networks")
-            if network.driver in ("host", "null"):
+            if self.drivers[network.driver].namespace_mode:
                 raise Conflict(f"container {container.name} cannot be connected to the {network.name} network after it started")
             if any(e.network_id == network.id for e in self._container_endpoints(container)):
                 raise Conflict(f"container {container.name} is already connected to network {network.name}")
@@ -810,7 +843,7 @@ class Controller:
             endpoint.ipv4 = f"{address}/{IPv4Network(network.ipam.subnet).prefixlen}"
         impl.create_endpoint(network, endpoint)
         undo.push(impl.delete_endpoint, network, endpoint)
-        if container.netns and network.driver not in ("host", "null"):
+        if container.netns and not impl.namespace_mode:
             endpoint.ifname = self._next_ifname(container)
             set_default = impl.has_addresses and not network.internal and not any(
                 e.gateway for e in self._container_endpoints(container)
@@ -832,7 +865,7 @@ class Controller:
         if network.scope != GLOBAL:
             store.create(key, endpoint.to_json())
             return
-        name_key = _endpoint_name_key(network.id, endpoint.container_name)
+        name_key = endpoint_name_key(network.id, endpoint.container_name)
         owner = json.dumps({"Host": endpoint.host, "Endpoint": endpoint.id})
         try:
             store.commit([Create(key, endpoint.to_json()), Create(name_key, owner)])
@@ -852,7 +885,7 @@ class Controller:
             store.delete(key)
             return
         ops = [Delete(key)]
-        name = store.get(_endpoint_name_key(network.id, endpoint.container_name))
+        name = store.get(endpoint_name_key(network.id, endpoint.container_name))
         if name is not None and json.loads(name.value).get("Endpoint") == endpoint.id:
             ops.append(Delete(name.key, name.version))
         with contextlib.suppress(VersionConflict):
@@ -872,7 +905,7 @@ class Controller:
             endpoint = next((e for e in self._container_endpoints(container) if e.network_id == network.id), None)
             if endpoint is None:
                 raise NotFound(f"container {container.name} is not connected to network {network.name}")
-            if network.driver == "host":
+            if self.drivers[network.driver].uses_host_namespace:
                 raise Conflict(f"container {container.name} uses the host's network namespace and cannot be disconnected from it")
             self._disconnect_endpoint(container, network, endpoint)
             self._write_hosts(container)
@@ -919,7 +952,7 @@ class Controller:
                     ports.append(PortBinding(port, proto))
         for port in ports:
             if not port.host_ip:
-                port.host_ip = getattr(impl, "default_host_ip", lambda n: "")(network)
+                port.host_ip = impl.default_host_ip(network)
         self._reserve_ports(container, ports)
         undo.push(self._release_port_reservations, container)
         container.ports = ports
@@ -1092,9 +1125,6 @@ class Controller:
                 results.append(entry)
         return results
 
-
-def _endpoint_name_key(network_id: str, name: str) -> str:
-    return f"netd/endpoint-names/{network_id}/{name}"
 
 
 def parse_port_proto(spec: str) -> tuple[int, str]:

@@ -33,9 +33,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 from kvstore import KeyExists, KVStore, StoreError, VersionConflict
 from netd.contract.errors import BadRequest, Conflict, NotFound
-from netd.contract.model import now
+from netd.contract.model import now, parse_address, parse_subnet  # noqa: F401 - parse_* used by callers of ipam too
+from netd.core import keys
 
-PREFIX = "netd/ipam/"
+PREFIX = keys.IPAM
 POOLS = PREFIX + "pools/"
 SUBNETS = PREFIX + "subnets/"
 ADDRESSES = PREFIX + "addresses/"
@@ -85,27 +86,6 @@ class Allocation:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
-
-
-def parse_subnet(text: str, what: str = "subnet") -> IPv4Network:
-    try:
-        net = IPv4Network(text, strict=False)
-    except ValueError:
-        raise BadRequest(f"invalid {what} {text!r}: expected an IPv4 CIDR such as 172.20.0.0/16") from None
-    if "/" not in text:
-        raise BadRequest(f"invalid {what} {text!r}: give a prefix length, e.g. {text}/24")
-    if str(net) != text:
-        raise BadRequest(f"invalid {what} {text}: it has host bits set; did you mean {net}?")
-    if net.prefixlen > 30:
-        raise BadRequest(f"{what} {text} is too small: it needs room for a gateway and containers (at most /30)")
-    return net
-
-
-def parse_address(text: str, what: str = "address") -> IPv4Address:
-    try:
-        return IPv4Address(text)
-    except ValueError:
-        raise BadRequest(f"invalid {what} {text!r}: expected an IPv4 address such as 172.20.0.5") from None
 
 
 def _usable_count(allocatable: IPv4Network, subnet: IPv4Network) -> int:

@@ -273,6 +273,7 @@ class PcapFile:
 def cmd_capture(client, args) -> int:
     """Ask the daemon where TARGET is, sniff there, print a line per packet, write pcap."""
     from urllib.parse import quote
+
     from netd.debug import packets
 
     if args.count is not None and args.count < 1:

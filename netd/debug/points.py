@@ -102,7 +102,7 @@ def _interface_with_address(address: str) -> str | None:
 
 
 def _network_point(ctl, network: Network, kind: str) -> CapturePoint:
-    driver = ctl.drivers.get(network.driver)
+    driver = ctl.driver_of(network)
     point = driver.capture_point(network, kind) if driver else None
     if point is not None:
         return point
@@ -119,8 +119,7 @@ def _network_point(ctl, network: Network, kind: str) -> CapturePoint:
 def container_points(ctl, container: Container) -> list[CapturePoint]:
     if container.state != "running":
         raise Conflict(f"container {container.name} is not running")
-    owner = ctl.containers.get(container.shares_netns_of) if container.shares_netns_of else container
-    owner = owner or container
+    owner = ctl.netns_owner(container)
     if not owner.netns:
         raise BadRequest(f"container {container.name} uses the host's network namespace: its packets are the "
                          "host's, capture them with tcpdump on the host's interfaces")
@@ -141,7 +140,7 @@ def resolve_point(ctl, kind: str, network: Network, endpoint: Endpoint | None = 
         return underlay_point(ctl)
     if kind == "uplink":
         return uplink_point(destination)
-    driver = ctl.drivers.get(network.driver)
+    driver = ctl.driver_of(network)
     return driver.capture_point(network, kind, endpoint) if driver else None
 
 
@@ -152,9 +151,7 @@ def names(ctl) -> dict:
     addresses: dict[str, str] = {}
     macs: dict[str, str] = {}
     vnis: dict[str, str] = {}
-    with ctl.lock:
-        networks = list(ctl.networks.values())
-    for network in networks:
+    for network in ctl.list_networks():
         if network.ipam and network.ipam.gateway:
             addresses.setdefault(network.ipam.gateway, f"{network.name} gateway")
         if network.driver_state.get("vni") is not None:

@@ -50,14 +50,13 @@ import time
 from dataclasses import dataclass, field
 
 from netd.contract.errors import BadRequest, Conflict, NetdError, NotFound
+from netd.core import keys
 from netd.debug.commands import DEFAULT_SIZE, DEFAULT_TIMEOUT
 from netd.debug.packets import Probe
 
 log = logging.getLogger("netd.debug.trace")
 
-REQUESTS = "netd/trace/requests/"      # + <host>/<id>
-RESULTS = "netd/trace/results/"        # + <id>/<host>
-STOPS = "netd/trace/stop/"             # + <id>
+REQUESTS, RESULTS, STOPS = keys.TRACE_REQUESTS, keys.TRACE_RESULTS, keys.TRACE_STOPS
 KEY_TTL = 60.0
 MAX_SECONDS = 30.0                     # longest a remote capture runs
 MAX_CONCURRENT = 4                     # remote traces served at once per host
@@ -94,14 +93,14 @@ def plan_trace(ctl, source: str, destination: str) -> Plan:
     container = _source_container(ctl, source)
     if container.state != "running":
         raise Conflict(f"container {container.name} is not running: start it, or trace from another one")
-    owner = ctl.containers.get(container.shares_netns_of, container) if container.shares_netns_of else container
+    owner = ctl.netns_owner(container)
     endpoints = [e for e in ctl.container_endpoints(owner) if e.address and e.ifname]
     if not owner.netns:
         raise BadRequest(f"container {container.name} uses the host's network namespace: there is no container "
                          "path to trace (trace from a container on a netd network)")
     if not endpoints:
         raise BadRequest(f"container {container.name} has no network with addresses to trace from")
-    networks = [(e, ctl.networks[e.network_id]) for e in endpoints if e.network_id in ctl.networks]
+    networks = [(e, n) for e in endpoints if (n := ctl.network_by_id(e.network_id)) is not None]
     wanted = destination.lower()
     for endpoint, network in networks:
         for other in ctl.network_endpoints(network):
@@ -133,9 +132,7 @@ def _source_container(ctl, source: str):
         return ctl.get_container(source)
     except NotFound:
         if ctl.cluster is not None:
-            with ctl.lock:
-                networks = list(ctl.networks.values())
-            for network in networks:
+            for network in ctl.list_networks():
                 if network.scope != "global":
                     continue
                 for endpoint in ctl.network_endpoints(network):
@@ -146,7 +143,7 @@ def _source_container(ctl, source: str):
 
 
 def _plan(ctl, network, source, dest, address: str) -> Plan:
-    driver = ctl.drivers.get(network.driver)
+    driver = ctl.driver_of(network)
     if driver is None:
         raise BadRequest(f"network {network.name} uses driver {network.driver}, which this daemon does not have")
     return Plan(network, source, dest, address, driver.trace_path(network, source, dest))
@@ -589,7 +586,7 @@ class TraceAgent:
         try:
             lease = self.store.grant_lease(KEY_TTL)
             network, hops, probe, macs, seconds = self._validate(request)
-            endpoints = {h.endpoint: self.ctl.endpoints[h.endpoint] for _, h in hops if h.endpoint}
+            endpoints = {h.endpoint: self.ctl.local_endpoint(h.endpoint) for _, h in hops if h.endpoint}
             part = HostPart(self.ctl, network, hops, probe, endpoints, seconds=seconds + 5).start()
             part.wait_ready(READY_TIMEOUT)
             self._answer(trace_id, {"Ready": True}, lease)
@@ -615,7 +612,7 @@ class TraceAgent:
         """Only what this host can check itself: its networks, its endpoints, sane probe fields."""
         from netd.contract.driverapi import Hop
 
-        network = self.ctl.networks.get(str(request.get("Network")))
+        network = self.ctl.network_by_id(str(request.get("Network")))
         if network is None or network.scope != "global":
             raise BadRequest("the trace names a network this host does not know")
         hops = []
@@ -624,7 +621,7 @@ class TraceAgent:
             if kind not in HOP_KINDS:
                 raise BadRequest(f"unknown hop kind {kind!r}")
             if endpoint:
-                known = self.ctl.endpoints.get(endpoint)
+                known = self.ctl.local_endpoint(endpoint)
                 if known is None or known.network_id != network.id:
                     raise BadRequest(f"endpoint {endpoint[:12]} of network {network.name} is not on this host")
             hops.append((int(item["Index"]), Hop(self.ctl.host_key, kind, endpoint)))
