@@ -140,7 +140,8 @@ class Daemon:
         from kvstore import open_store
         from netd.api.server import ApiServer
         from netd.contract.driverapi import HostInfo
-        from netd.core.controller import Controller, Paths
+        from netd.core.controller import Controller
+        from netd.core.state import Paths
         from netd.kernel import netlink
         from netd.kernel.firewall import Firewall
         from runtime.process import Reaper

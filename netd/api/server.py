@@ -22,7 +22,8 @@ from netd.api.errors import reported
 from netd.contract import API_VERSION, VERSION
 from netd.contract.errors import BadRequest, Internal, NotFound
 from netd.contract.model import PortBinding
-from netd.core.controller import Controller, parse_port_proto
+from netd.core.controller import Controller
+from netd.core.ports import parse_port_proto
 
 log = logging.getLogger("netd.api.server")
 

@@ -1,0 +1,205 @@
+"""Networks: create, find, list, remove, prune; the warnings a driver has about one; IPAM queries."""
+
+
+import contextlib
+import logging
+from ipaddress import IPv4Network
+
+import drivers
+from netd.contract.errors import BadRequest, Conflict, NotFound
+from netd.contract.model import (
+    GLOBAL,
+    LOCAL,
+    Endpoint,
+    IPAMConfig,
+    Network,
+    check_name,
+    new_id,
+)
+from netd.core.ipam import parse_address
+from netd.core.keys import (
+    NETWORK_NAMES,
+    NETWORKS,
+)
+from netd.core.state import BUILTIN_NETWORKS
+from netd.core.undo import Undo
+from netd.kernel import netlink
+from netd.kernel.rtnl import flush_retired
+
+log = logging.getLogger(__name__)
+
+
+
+class Networks:
+    """Part of the Controller (netd.core.controller): networks: create, find, list, remove, prune; the warnings a driver has about one; ipam queries."""
+
+    # --- networks ---------------------------------------------------------------------------
+
+    def create_network(
+        self,
+        name: str,
+        driver: str = "bridge",
+        subnet: str | None = None,
+        gateway: str | None = None,
+        ip_range: str | None = None,
+        aux_addresses: dict[str, str] | None = None,
+        options: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        internal: bool = False,
+        scope: str | None = None,
+        builtin: bool = False,
+    ) -> Network:
+        check_name("network", name)
+        with self.lock:
+            if driver not in self.drivers:
+                raise drivers.unknown_driver(driver, self.drivers)
+            if not builtin and name in BUILTIN_NETWORKS:
+                raise Conflict(f"network {name} is a pre-defined network and cannot be created")
+            if self._find_network(name) is not None:
+                raise Conflict(f"network with name {name} already exists")
+            impl = self.drivers[driver]
+            if impl.namespace_mode and not builtin:
+                raise BadRequest(f"only one instance of the {driver!r} network is allowed (it exists already)")
+            scope = scope or impl.scope
+            if scope not in (LOCAL, GLOBAL):
+                raise BadRequest(f"invalid scope {scope!r}: use local or global")
+            ipam_config = IPAMConfig(subnet, gateway, ip_range, dict(aux_addresses or {})) if subnet else None
+            if not impl.has_addresses and (subnet or gateway or ip_range or aux_addresses):
+                raise BadRequest(f"driver {driver} does not assign addresses: --subnet and friends do not apply")
+            network = Network(
+                id=new_id(), name=name, driver=driver, scope=scope, internal=internal, ipam=ipam_config,
+                options=dict(options or {}), labels=dict(labels or {}), builtin=builtin,
+            )
+            impl.validate(network)
+            store = self._store(scope)
+            with Undo(after_rollback=flush_retired) as undo:
+                store.create(NETWORK_NAMES + name, network.id)
+                undo.push(store.delete, NETWORK_NAMES + name)
+                if impl.has_addresses:
+                    pool = self.ipam[scope].request_pool(
+                        network.id, name, subnet, gateway, ip_range, aux_addresses,
+                        avoid=self._subnets_to_avoid(scope),
+                    )
+                    undo.push(self.ipam[scope].release_pool, network.id)
+                    network.ipam = IPAMConfig(pool.subnet, pool.gateway, pool.ip_range, pool.aux_addresses)
+                impl.create_network(network)
+                undo.push(impl.delete_network, network)
+                store.create(NETWORKS + network.id, network.to_json())
+            self.networks[network.id] = network
+            log.info("created network %s (%s, %s)", name, driver, network.ipam.subnet if network.ipam else "no addresses")
+            return network
+
+    def _subnets_to_avoid(self, scope: str) -> list[IPv4Network]:
+        """Default pools must not overlap the host's routes nor pools of the other scope."""
+        avoid = []
+        for cidr in netlink.host_routes():
+            with contextlib.suppress(ValueError):
+                avoid.append(IPv4Network(cidr, strict=False))
+        for other_scope, ipam in self.ipam.items():
+            if other_scope != scope:
+                avoid.extend(IPv4Network(p.subnet) for p in ipam.pools())
+        return avoid
+
+    def _find_network(self, ref: str) -> Network | None:
+        by_name = [n for n in self.networks.values() if n.name == ref]
+        if by_name:
+            return by_name[0]
+        if ref in self.networks:
+            return self.networks[ref]
+        matches = [n for n in self.networks.values() if n.id.startswith(ref)] if len(ref) >= 3 else []
+        if len(matches) > 1:
+            raise BadRequest(f"network id prefix {ref} is ambiguous: give more characters")
+        return matches[0] if matches else None
+
+    def get_network(self, ref: str) -> Network:
+        with self.lock:
+            network = self._find_network(ref)
+            if network is None:
+                raise NotFound(f"network {ref} not found")
+            return network
+
+    def list_networks(self) -> list[Network]:
+        with self.lock:
+            return sorted(self.networks.values(), key=lambda n: n.name)
+
+    def network_endpoints(self, network: Network) -> list[Endpoint]:
+        """Every endpoint of the network (on all hosts, for global networks)."""
+        if network.scope == GLOBAL and self.cluster is not None:
+            return self.cluster.endpoints_of(network.id)
+        return self.endpoints.of_network(network.id)
+
+    def remove_network(self, ref: str) -> None:
+        with self.lock:
+            network = self.get_network(ref)
+            if network.builtin:
+                raise Conflict(f"{network.name} is a pre-defined network and cannot be removed")
+            endpoints = self.network_endpoints(network)
+            if endpoints:
+                if network.scope == GLOBAL:
+                    by_host: dict[str, list[str]] = {}
+                    for e in endpoints:
+                        by_host.setdefault(e.host, []).append(e.container_name)
+                    where = "; ".join(f"{h}: {', '.join(sorted(n))}" for h, n in sorted(by_host.items()))
+                    raise Conflict(f"network {network.name} has active endpoints on hosts ({where}): "
+                                   "disconnect or remove those containers first")
+                names = ", ".join(sorted({e.container_name for e in endpoints}))
+                raise Conflict(
+                    f"network {network.name} has active endpoints ({names}): disconnect or remove those containers first"
+                )
+            store = self._store(network.scope)
+            self.drivers[network.driver].delete_network(network)
+            if network.driver in self.drivers and self.drivers[network.driver].has_addresses:
+                self.ipam[network.scope].release_pool(network.id)
+            store.delete(NETWORKS + network.id)
+            store.delete(NETWORK_NAMES + network.name)
+            del self.networks[network.id]
+            log.info("removed network %s", network.name)
+
+    def prune_networks(self) -> list[str]:
+        removed = []
+        with self.lock:
+            for network in self.list_networks():
+                if not network.builtin and not self.network_endpoints(network):
+                    self.remove_network(network.id)
+                    removed.append(network.name)
+        return removed
+
+    def network_warning(self, network: Network) -> str:
+        """Something the user should know about a network that was created anyway."""
+        impl = self.drivers.get(network.driver)
+        return impl.network_warning(network) if impl is not None else ""
+
+    # --- IPAM queries -----------------------------------------------------------------------
+
+    def ipam_pools(self) -> list[dict]:
+        rows = []
+        for scope, ipam in self.ipam.items():
+            for pool in ipam.pools():
+                size, used = ipam.usage(pool)
+                rows.append({"Network": pool.network_name, "NetworkID": pool.network_id, "Scope": scope,
+                             "Subnet": pool.subnet, "IPRange": pool.ip_range or "", "Gateway": pool.gateway or "",
+                             "Size": size, "Used": used, "Free": size - used})
+        return sorted(rows, key=lambda r: r["Network"])
+
+    def ipam_allocations(self, ref: str) -> list[dict]:
+        network = self.get_network(ref)
+        if network.ipam is None:
+            raise BadRequest(f"network {network.name} has no address pool (driver {network.driver})")
+        return [
+            {"Address": a.address, "Kind": a.kind, "Endpoint": a.endpoint_id, "Container": a.container or a.name,
+             "Host": a.host, "Since": a.since}
+            for a in self.ipam[network.scope].allocations(network.id)
+        ]
+
+    def ipam_lookup(self, address: str) -> list[dict]:
+        parse_address(address)
+        results = []
+        for scope, ipam in self.ipam.items():
+            for pool, allocation in ipam.lookup(address):
+                entry = {"Address": address, "Network": pool.network_name, "Scope": scope, "Subnet": pool.subnet,
+                         "State": "free" if allocation is None else "in use"}
+                if allocation is not None:
+                    entry.update({"Kind": allocation.kind, "Container": allocation.container or allocation.name,
+                                  "Endpoint": allocation.endpoint_id, "Host": allocation.host, "Since": allocation.since})
+                results.append(entry)
+        return results
