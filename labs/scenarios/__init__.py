@@ -1,6 +1,6 @@
 """Lab scenarios. Each is a function `run(lab, report, options)` that drives netd through its
-CLI on the lab hosts and records checks in the report; SCENARIOS maps names to them, with
-what lab each needs."""
+CLI on the lab hosts and records checks in the report. Each module defines SCENARIO (a Scenario:
+its function and what lab it needs); `scenarios()` finds them, in the demo's order."""
 
 from __future__ import annotations
 

@@ -321,6 +321,12 @@ def cmd_info(client: Client, args) -> int:
     return 0
 
 
+def cmd_cleanup(args) -> int:
+    from netd.api.cleanup import cmd_cleanup as run
+
+    return run(args)
+
+
 def cmd_version(client: Client, args) -> int:
     print(f"Client: netd {__version__}")
     try:
@@ -368,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--format", choices=["table", "json"], default="table")
     info.set_defaults(run=cmd_info)
     sub.add_parser("version", help="client and daemon versions").set_defaults(run=cmd_version)
+    cleanup = sub.add_parser("cleanup", help="remove what a crashed daemon left (namespaces, interfaces, firewall)")
+    cleanup.add_argument("--run-dir", default="/run/netd", help="the dead daemon's run dir (default %(default)s)")
+    cleanup.set_defaults(run=cmd_cleanup, needs_client=False)
     return parser
 
 

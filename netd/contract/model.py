@@ -1,8 +1,9 @@
 """The CNM objects (network, endpoint, container) as plain data, and how they are stored.
 
-Each object serializes to a JSON document in a store. `to_docker()` gives the view that
-`netd ... inspect --format json` prints, with Docker's field names so that scripts written
-for `docker network inspect` keep working.
+Each object serializes to a JSON document in a store. The
+views that `netd ... inspect` and `ls` print, with Docker's field names so that scripts written
+for `docker network inspect` keep working, are built in netd.api.views (IPAM's `to_docker()`
+gives its "Config" entry).
 """
 
 from __future__ import annotations

@@ -139,17 +139,26 @@ class Attachments:
                 raise NotFound(f"container {container.name} is not connected to network {network.name}")
             if self.drivers[network.driver].uses_host_namespace:
                 raise Conflict(f"container {container.name} uses the host's network namespace and cannot be disconnected from it")
-            self._disconnect_endpoint(container, network, endpoint)
+            self._disconnect_endpoint(container, network, endpoint, force=force)
             self._write_hosts(container)
             self.local_store.put(CONTAINERS + container.id, container.to_json())
 
-    def _disconnect_endpoint(self, container: Container, network: Network, endpoint: Endpoint, exiting: bool = False) -> None:
+    def _disconnect_endpoint(self, container: Container, network: Network, endpoint: Endpoint,
+                             exiting: bool = False, force: bool = False) -> None:
+        """`force` (`disconnect -f`): a driver that fails to undo its part is logged, and the
+        endpoint, its address and its records are let go all the same."""
         impl = self.drivers[network.driver]
         if container.ports and impl.supports_ports:
             with contextlib.suppress(Exception):
                 impl.unpublish_ports(network, endpoint, container.ports)
-        impl.leave(network, endpoint, sandbox_gone=exiting)
-        impl.delete_endpoint(network, endpoint)
+        try:
+            impl.leave(network, endpoint, sandbox_gone=exiting)
+            impl.delete_endpoint(network, endpoint)
+        except Exception as e:
+            if not force:
+                raise
+            log.warning("disconnect -f %s from %s: driver %s failed (%s); letting the endpoint go",
+                        container.name, network.name, network.driver, e)
         if endpoint.address:
             self._release_address(network, endpoint)
         self._unstore_endpoint(self._store(network.scope), network, endpoint)
