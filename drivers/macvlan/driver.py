@@ -398,6 +398,7 @@ class MacvlanDriver(Driver):
                     parent_index = self._parent_index(rtnl, self.parent(network), network)
                 ipr.link("add", ifname=name, kind="macvlan", link=parent_index, macvlan_mode="bridge")
                 index = netlink.link_index(ipr, name)
+            netlink.disable_ipv6(name)   # the host's shim: IPv4 only, no IPv6 chatter on the parent's LAN
             try:
                 netlink.set_sysctl(f"/proc/sys/net/ipv4/conf/{name}/arp_filter", "1")
                 address = self._shim_address(network)

@@ -157,10 +157,11 @@ class OverlayDriver(Driver):
             namespaces.create_netns(sandbox.netns)
         with namespaces.entered_netns(sandbox.netns):
             netlink.set_sysctl("net.ipv4.ip_forward", "1")
+            netlink.quiet_namespace()   # br0, vxlan0 and the veth ends here: no IPv6 chatter
         prefix = IPv4Network(network.ipam.subnet).prefixlen
         with netlink.netns_socket(sandbox.netns) as inside:
             gateway = f"{network.ipam.gateway}/{prefix}" if network.ipam.gateway else None
-            sandbox.br_index = netlink.ensure_bridge(inside, "br0", gateway, sandbox.mtu)
+            sandbox.br_index = netlink.ensure_bridge(inside, "br0", gateway, sandbox.mtu, netns=sandbox.netns)
             sandbox.vxlan_index = netlink.link_index(inside, "vxlan0") or 0
         if not sandbox.vxlan_index:
             self._create_vxlan(sandbox)
@@ -189,6 +190,7 @@ class OverlayDriver(Driver):
                 if netlink.link_index(ipr, sandbox.host_transit) is None:
                     ipr.link("add", ifname=sandbox.host_transit, kind="veth", peer={"ifname": "gw0", "net_ns_fd": fd})
                 index = netlink.link_index(ipr, sandbox.host_transit)
+                netlink.disable_ipv6(sandbox.host_transit)   # the host's end, before it is up
                 with contextlib.suppress(Exception):
                     ipr.addr("add", index=index, address=HOST_TRANSIT, prefixlen=32)
                 ipr.link("set", index=index, state="up")

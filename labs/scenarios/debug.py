@@ -41,6 +41,7 @@ def run(lab: Lab, report: Report, options: dict) -> None:
         report.add("debug", "overlay up", a, b, ready, "ping by name before debugging")
         vni = json.loads(lab.netd(first, "network", "inspect", net))[0]["Netd"]["VNI"]
         check_capture_pcap(lab, report, first, a, b, address_b)
+        check_quiet_capture(lab, report, first, second, a, net)
         check_underlay(lab, report, first, a, b, vni, address_a, address_b)
         check_vxlan_device(lab, report, second, a, b, net, address_a)
         check_trace_ok(lab, report, first, a, b)
@@ -149,6 +150,27 @@ def check_capture_pcap(lab: Lab, report: Report, host: str, a: str, b: str, addr
                f"{lines[0] if lines else err.strip()}")
     named = [line for line in lines if f"({b})" in line]
     report.add("debug", "capture names addresses", a, b, bool(named), named[0] if named else out[:200])
+
+
+def check_quiet_capture(lab: Lab, report: Report, host_a: str, host_c: str, a: str, net: str) -> None:
+    """Quiet wires: a fresh container captured with `-c 4` and no filter while a container on the
+    other host pings it three times: the four packets are the pings, not IPv6 chatter."""
+    c = unique("dbgq")
+    lab.netd(host_c, "run", "-d", "--name", c, "--network", net, "sleep", "100000")
+    try:
+        capture = start_capture(lab, host_c, c, "-c", "4", "--timeout", "20")
+        ok, _ = pings(lab, host_a, a, c, count=3)
+        code, out, err = finish(capture)
+        lines = out.strip().splitlines()
+        ipv6 = [line for line in lines if "IP6" in line or "fe80:" in line or "ff02:" in line]
+        requests = sum("echo request" in line for line in lines)
+        replies = sum("echo reply" in line for line in lines)
+        report.add("debug", "capture -c 4 during 3 pings: no chatter", a, c,
+                   ok and code == 0 and not ipv6 and requests >= 1 and replies >= 1,
+                   f"{requests} request(s), {replies} reply(ies), {len(ipv6)} IPv6 line(s) in {len(lines)}"
+                   + (f"; first: {ipv6[0]}" if ipv6 else "") + ("" if lines else f"; {err.strip()}"))
+    finally:
+        lab.try_netd(host_c, "rm", "-f", c)
 
 
 def check_underlay(lab: Lab, report: Report, host: str, a: str, b: str, vni: int, address_a: str,

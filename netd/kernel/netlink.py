@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from runtime.namespaces import open_in_netns
+from runtime.namespaces import entered_netns, open_in_netns
 
 IFNAMSIZ = 15
 
@@ -48,8 +48,10 @@ def link_index(ipr: IPRoute, ifname: str) -> int | None:
     return found[0] if found else None
 
 
-def ensure_bridge(ipr: IPRoute, name: str, address: str | None, mtu: int | None = None) -> int:
-    """A Linux bridge `name` that is up with `address` (CIDR) on it; made if missing.
+def ensure_bridge(ipr: IPRoute, name: str, address: str | None, mtu: int | None = None,
+                  netns: str | None = None) -> int:
+    """A Linux bridge `name` that is up with `address` (CIDR) on it; made if missing. `netns`:
+    the namespace `ipr` works in (None: the daemon's own).
 
     Idempotent, so a restart after a crash finds and keeps what is there ("file exists" is
     not an error when it is our own bridge).
@@ -57,10 +59,16 @@ def ensure_bridge(ipr: IPRoute, name: str, address: str | None, mtu: int | None 
     index = link_index(ipr, name)
     if index is None:
         kwargs = {"mtu": mtu} if mtu else {}
-        ipr.link("add", ifname=name, kind="bridge", **kwargs)
+        # No multicast snooping: a snooping bridge joins the all-snoopers group (224.0.0.106) and
+        # sends IGMP reports for it; netd's networks carry no multicast it would need to track.
+        ipr.link("add", ifname=name, kind="bridge", br_mcast_snooping=0, **kwargs)
         index = link_index(ipr, name)
     elif link_kind(ipr, index) != "bridge":
         raise OSError(errno.EEXIST, f"interface {name} exists and is not a bridge")
+    else:   # a bridge an older netd made: the same settings (a no-op when already so)
+        ipr.link("set", index=index, kind="bridge", br_mcast_snooping=0)
+    with entered_netns(netns) if netns else contextlib.nullcontext():
+        disable_ipv6(name)   # before it is up: no router solicitation, MLD report or DAD from it
     if address:
         ip, prefix = address.split("/")
         with contextlib.suppress(NetlinkError):  # already there after a restart
@@ -100,6 +108,22 @@ def host_routes() -> list[str]:
             if addr.get_attr("IFA_ADDRESS") and not addr.get_attr("IFA_ADDRESS").startswith("127."):
                 routes.append(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
     return routes
+
+
+def disable_ipv6(ifname: str) -> None:
+    """IPv6 off on one interface of the current namespace (netd's networks are IPv4 only): it
+    sends no router solicitation, MLD report, DAD or link-local traffic. Quiet on a kernel
+    without IPv6."""
+    with contextlib.suppress(FileNotFoundError):
+        set_sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "1")
+
+
+def quiet_namespace() -> None:
+    """IPv6 off for every interface made in (or moved into) the current namespace from now on,
+    and for those already there: a container's or an overlay's namespace."""
+    for scope in ("all", "default"):
+        with contextlib.suppress(FileNotFoundError):
+            set_sysctl(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6", "1")
 
 
 def set_sysctl(path: str, value: str) -> None:

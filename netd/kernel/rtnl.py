@@ -22,6 +22,7 @@ import struct
 import threading
 import time
 
+from netd.kernel.netlink import disable_ipv6
 from runtime.namespaces import entered_netns, open_in_netns
 
 NETLINK_ROUTE = 0
@@ -163,12 +164,8 @@ class Rtnl:
         attrs.append(nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"veth\0"),
                             nested(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer))))
         self.request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, ifinfo() + b"".join(attrs))
-        try:
-            with entered_netns(self.netns):
-                with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-                    f.write("1")
-        except FileNotFoundError:
-            pass   # a kernel without IPv6
+        with entered_netns(self.netns):
+            disable_ipv6(name)
         self.request(RTM_SETLINK, NLM_F_ACK, ifinfo(flags=IFF_UP, change=IFF_UP) + name_attr(name))
 
     def set_link(self, index: int, up: bool | None = None, group: int | None = None, name: str | None = None) -> None:

@@ -9,7 +9,8 @@ def checks(report: dict, what: str) -> list[dict]:
 
 def test_capture_and_trace_find_what_is_broken(lab_run):
     report = lab_run("debug", "--hosts", "2")
-    for what in ("capture pcap: echo and reply", "underlay VNI matches", "trace: every hop both ways",
+    for what in ("capture pcap: echo and reply", "capture -c 4 during 3 pings: no chatter",
+                 "underlay VNI matches", "trace: every hop both ways",
                  "trace names the broken hop", "trace names the broken hop (answer)",
                  "trace hostgw: every hop both ways", "trace hostgw finds a blackhole route",
                  "trace macvlan: every hop both ways"):
