@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class Attachments:
-    """Part of the Controller (netd.core.controller): endpoints: connecting a container to a network and disconnecting it (the cnm join/leave), thei."""
+    """The Controller's endpoints: connect and disconnect (the CNM join and leave)."""
 
     # --- connect / disconnect ---------------------------------------------------------------
 

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class ClusterEvents:
-    """Part of the Controller (netd.core.controller): what the cluster tells the controller (clusterlistener, called from the cluster's threads): global network."""
+    """The Controller as the cluster's listener: global networks, peers, reclaimed hosts."""
 
     # --- the cluster's news (ClusterListener, called from the cluster's threads) -------------
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class Containers:
-    """Part of the Controller (netd.core.controller): containers: run (sandbox, /etc files, process), exit, stop, remove, and finding them."""
+    """The Controller's containers: run, exit, stop, remove, and finding them."""
 
     # --- containers: run --------------------------------------------------------------------
 

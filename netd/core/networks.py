@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class Networks:
-    """Part of the Controller (netd.core.controller): networks: create, find, list, remove, prune; the warnings a driver has about one; ipam queries."""
+    """The Controller's networks: create, find, list, remove, prune; IPAM queries."""
 
     # --- networks ---------------------------------------------------------------------------
 

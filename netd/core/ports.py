@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class Ports:
-    """Part of the Controller (netd.core.controller): published ports: reserving host ports (a socket held, as docker-proxy does), programming them throug."""
+    """The Controller's published ports: reserved host ports, programmed through the driver."""
 
     # --- published ports --------------------------------------------------------------------
 

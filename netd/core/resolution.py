@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 class Resolution:
-    """Part of the Controller (netd.core.controller): name resolution for the embedded dns: container names and aliases on the asker's networks, an."""
+    """The Controller's answers to the embedded DNS: names and addresses on the asker's networks."""
 
     # --- name resolution --------------------------------------------------------------------
 
