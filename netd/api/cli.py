@@ -8,12 +8,13 @@ them, so that every other command starts fast.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
 
 from netd.api.client import Client, q
+from netd.api.cluster_cli import add_cluster_commands
+from netd.api.output import print_json, print_table
 from netd.contract import VERSION as __version__
 from netd.contract.errors import BadRequest, NetdError
 
@@ -22,18 +23,6 @@ EXIT_RUN_FAILED = 125
 
 
 # --- output helpers -----------------------------------------------------------------------
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(str(c))) for w, c in zip(widths, row, strict=True)]
-    for row in [headers, *rows]:
-        print("   ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=4))
-
 
 def parse_key_values(items: list[str] | None, flag: str) -> dict[str, str]:
     result = {}
@@ -261,51 +250,6 @@ def cmd_rm(client: Client, args) -> int:
     return for_each(args.names, remove)
 
 
-# --- ipam ---------------------------------------------------------------------------------
-
-def cmd_ipam_ls(client: Client, args) -> int:
-    pools = client.request("GET", "/ipam/pools")
-    if args.format == "json":
-        print_json(pools)
-        return 0
-    print_table(["NETWORK", "SCOPE", "SUBNET", "IP RANGE", "GATEWAY", "SIZE", "USED", "FREE"],
-                [[p["Network"], p["Scope"], p["Subnet"], p["IPRange"] or "-", p["Gateway"] or "-",
-                  str(p["Size"]), str(p["Used"]), str(p["Free"])] for p in pools])
-    return 0
-
-
-def cmd_ipam_inspect(client: Client, args) -> int:
-    allocations = client.request("GET", f"/ipam/networks/{q(args.network)}")
-    if args.format == "json":
-        print_json(allocations)
-        return 0
-    print_table(["ADDRESS", "KIND", "CONTAINER", "ENDPOINT", "HOST", "SINCE"],
-                [[a["Address"], a["Kind"], a["Container"] or "-", a["Endpoint"][:12] or "-", a["Host"] or "-",
-                  a["Since"]] for a in allocations])
-    return 0
-
-
-def cmd_ipam_lookup(client: Client, args) -> int:
-    results = client.request("GET", f"/ipam/lookup/{q(args.address)}")
-    if args.format == "json":
-        print_json(results)
-        return 0
-    if not results:
-        print(f"{args.address}: free (in no netd address pool)")
-        return 0
-    for r in results:
-        if r["State"] == "free":
-            print(f"{args.address}: free (in pool {r['Subnet']} of network {r['Network']})")
-        elif r["Kind"] == "endpoint":
-            print(f"{args.address}: in use by container {r['Container']} on host {r['Host']} "
-                  f"(network {r['Network']}, endpoint {r['Endpoint'][:12]}, since {r['Since']})")
-        else:
-            print(f"{args.address}: reserved as {r['Kind']} {r['Container']} of network {r['Network']}".rstrip())
-    return 0
-
-
-# --- system -------------------------------------------------------------------------------
-
 def cmd_info(client: Client, args) -> int:
     info = client.request("GET", "/info")
     if args.format == "json":
@@ -361,13 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--host-ttl", type=float, default=None,
                         help="seconds this host stays alive in the cluster after it stops renewing (default 15)")
     daemon.add_argument("--reclaim-after", type=float, default=None,
-                        help="seconds a dead host's addresses are kept before they are freed (default 60)")
+                        help="seconds a dead host's addresses are kept before they are freed (default 3600; 0: only `netd host rm`)")
     daemon.add_argument("--debug", action="store_true", help="log more")
     daemon.set_defaults(run=cmd_daemon, needs_client=False)
 
     add_network_commands(sub)
     add_container_commands(sub)
-    add_ipam_commands(sub)
+    add_cluster_commands(sub)
     add_debug_commands(sub)
 
     info = sub.add_parser("info", help="daemon, stores, cluster and firewall status")
@@ -481,23 +425,6 @@ def add_container_commands(sub) -> None:
     rm.add_argument("-f", "--force", action="store_true", help="kill running ones")
     rm.add_argument("names", nargs="+")
     rm.set_defaults(run=cmd_rm)
-
-
-def add_ipam_commands(sub) -> None:
-    ipam = sub.add_parser("ipam", help="address pools and who holds which address").add_subparsers(
-        dest="ipam_command", metavar="COMMAND")
-    ipam.required = True
-    ls = ipam.add_parser("ls", help="every pool: subnet, size, used, free")
-    ls.add_argument("--format", choices=["table", "json"], default="table")
-    ls.set_defaults(run=cmd_ipam_ls)
-    inspect = ipam.add_parser("inspect", help="every allocation of a network")
-    inspect.add_argument("--format", choices=["table", "json"], default="table")
-    inspect.add_argument("network")
-    inspect.set_defaults(run=cmd_ipam_inspect)
-    lookup = ipam.add_parser("lookup", help="who holds an address, anywhere in the cluster")
-    lookup.add_argument("--format", choices=["table", "json"], default="table")
-    lookup.add_argument("address")
-    lookup.set_defaults(run=cmd_ipam_lookup)
 
 
 def add_debug_commands(sub) -> None:

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -35,7 +36,7 @@ class Settings:
     cluster_store: str | None = None
     cluster_advertise: str | None = None
     host_ttl: float = 15.0
-    reclaim_after: float = 60.0
+    reclaim_after: float = 3600.0   # a restart or a short partition never triggers it; `netd host rm` for a host gone for good
     debug: bool = False
 
     @property
@@ -90,17 +91,30 @@ def host_identity(data_dir: str) -> str:
         return ident
 
 
-def _lock_run_dir(run_dir: str) -> int:
-    """One daemon per run dir: hold an exclusive lock for the daemon's lifetime."""
-    fd = os.open(os.path.join(run_dir, "netd.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+def _lock_dir(directory: str, what: str) -> int:
+    """One daemon per run dir and per data dir (one identity, one database): hold an exclusive
+    lock for the daemon's lifetime; the file names the holder's pid."""
+    fd = os.open(os.path.join(directory, "netd.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise BadRequest(f"another netd daemon is already running with run dir {run_dir}") from None
+        raise BadRequest(f"another netd daemon (pid {holder}) is already running with {what} {directory}") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def raise_open_files_limit(wanted: int = 65536) -> int:
+    """Every container costs the daemon a few descriptors (pidfd, DNS sockets, namespace fds):
+    the default soft limit of 1024 runs out near 500 containers. Raise it as far as allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
 
 
 def run_daemon(args) -> int:
@@ -149,7 +163,8 @@ class Daemon:
         s = self.settings
         for path in (s.run_dir, s.data_dir):
             os.makedirs(path, mode=0o711, exist_ok=True)
-        self._lock_fd = _lock_run_dir(s.run_dir)
+        self._lock_fds = [_lock_dir(s.run_dir, "run dir"), _lock_dir(s.data_dir, "data dir")]
+        log.info("open files limit: %d", raise_open_files_limit())
         host = HostInfo(id=host_identity(s.data_dir), name=socket.gethostname(), address=s.cluster_advertise or "")
 
         # The cluster store first: if it cannot be reached, say so before touching anything.

@@ -253,6 +253,18 @@ def ipam_lookup(ctl: Controller, query, body, address):
     return ctl.ipam_lookup(address)
 
 
+# --- hosts ------------------------------------------------------------------------------------
+
+@route("GET", "/hosts")
+def host_list(ctl: Controller, query, body):
+    return ctl.host_list()
+
+
+@route("DELETE", "/hosts/{address}")
+def host_remove(ctl: Controller, query, body, address):
+    return {"Reclaimed": ctl.remove_host(address)}
+
+
 # --- debugging: netd capture and netd trace (netd.debug.points, netd.debug.trace) -----------------------
 
 @route("GET", "/debug/capture-targets/{target}")

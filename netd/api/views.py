@@ -57,7 +57,9 @@ def container_summary(ctl: Controller, container: Container) -> dict:
         "Command": " ".join(container.cmd),
         "Created": container.created,
         "State": container.state,
-        "Status": _status(container),
+        "Status": _status(container) + "".join(
+            f" ({e.note.split(':')[0]} on {n.name if (n := ctl.network_by_id(e.network_id)) else e.network_id[:12]})"
+            for e in ctl.container_endpoints(container) if e.note),
         "Ports": [port_view(p) for p in container.ports],
         "Networks": [n.name for nid in container.networks if (n := ctl.network_by_id(nid)) is not None] or [container.network_mode],
     }
@@ -105,6 +107,7 @@ def container_view(ctl: Controller, container: Container) -> dict:
             "MacAddress": endpoint.mac,
             "Aliases": list(endpoint.aliases),
             "Interface": endpoint.ifname,
+            "Note": endpoint.note,
         }
     ports: dict[str, list | None] = {}
     for port in container.ports:

@@ -103,6 +103,9 @@ class Endpoint:
     host_ifname: str = ""                # driver's name for the host side (veth), if any
     gateway: str = ""                    # the default route this endpoint gave the container
     created: str = field(default_factory=now)
+    # What happened to it that the user should know, e.g. "renumbered from 10.0.0.5: another
+    # host's container holds it" or "quarantined: ..." (netd ps, inspect).
+    note: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

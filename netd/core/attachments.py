@@ -21,6 +21,7 @@ from netd.contract.model import (
 from netd.core.keys import (
     CONTAINERS,
     ENDPOINTS,
+    OWN_ENDPOINTS,
     endpoint_name_key,
 )
 from netd.core.undo import Undo
@@ -101,6 +102,7 @@ class Attachments:
         owner = json.dumps({"Host": endpoint.host, "Endpoint": endpoint.id})
         try:
             store.commit([Create(key, endpoint.to_json()), Create(name_key, owner)])
+            self.local_store.put(f"{OWN_ENDPOINTS}{network.id}/{endpoint.id}", endpoint.to_json())
         except KeyExists as e:
             if e.key != name_key:
                 raise
@@ -122,6 +124,13 @@ class Attachments:
             ops.append(Delete(name.key, name.version))
         with contextlib.suppress(VersionConflict):
             store.commit(ops)
+        self.local_store.delete(f"{OWN_ENDPOINTS}{network.id}/{endpoint.id}")
+
+    def _save_endpoint(self, network: Network, endpoint: Endpoint) -> None:
+        """Write a changed endpoint where it lives (and this host's own copy of a global one)."""
+        self._store(network.scope).put(f"{ENDPOINTS}{network.id}/{endpoint.id}", endpoint.to_json())
+        if network.scope == GLOBAL:
+            self.local_store.put(f"{OWN_ENDPOINTS}{network.id}/{endpoint.id}", endpoint.to_json())
 
     def _next_ifname(self, container: Container) -> str:
         used = {e.ifname for e in self._container_endpoints(container)}
@@ -177,5 +186,5 @@ class Attachments:
                 with Rtnl(container.netns) as inside:
                     inside.replace_default_route(gateway, inside.link_index(endpoint.ifname))
                 endpoint.gateway = gateway
-                self._store(network.scope).put(f"{ENDPOINTS}{network.id}/{endpoint.id}", endpoint.to_json())
+                self._save_endpoint(network, endpoint)
                 return

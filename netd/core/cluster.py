@@ -15,20 +15,21 @@ within the grace period finds everything as it left it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from ipaddress import IPv4Address
 
-from kvstore import KVPair, KVStore, LeaseKeeper, StoreError
+from kvstore import KeyExists, KVPair, KVStore, LeaseKeeper, StoreError
 from kvstore.mirror import Mirror
 from netd.contract.driverapi import HostInfo
+from netd.contract.errors import BadRequest, Conflict, NotFound
 from netd.contract.model import Endpoint, now
+from netd.core.keys import ENDPOINTS, HOST_RECORDS, HOSTS, NETWORKS
 
 log = logging.getLogger("netd.core.cluster")
-
-from netd.core.keys import ENDPOINTS, HOST_RECORDS, HOSTS, NETWORKS  # noqa: E402
 
 
 class ClusterListener:
@@ -104,9 +105,30 @@ class Cluster:
             mirror.stop()
 
     def _register(self) -> None:
+        """This host's key under a fresh lease, created only if absent: a live host with the same
+        --cluster-advertise and another identity is refused (each would free the other's addresses).
+        Our own key from before a restart (its old lease still running) is taken over."""
         info = json.dumps({"Name": self.host.name, "Address": self.address, "ID": self.host.id, "Since": now()})
         lease = self.store.grant_lease(self.ttl)
-        self.store.put(HOSTS + self.address, info, lease)
+        key = HOSTS + self.address
+        try:
+            try:
+                self.store.create(key, info, lease)
+            except KeyExists:
+                pair = self.store.get(key)
+                holder = _json(pair.value) if pair is not None else {}
+                if pair is not None and holder.get("ID") != self.host.id:
+                    raise DuplicateHost(
+                        f"host {holder.get('Name', '?')} (id {str(holder.get('ID', '?'))[:12]}) is alive in the cluster "
+                        f"store with the address {self.address}: give every host its own --cluster-advertise") from None
+                if pair is None:
+                    self.store.create(key, info, lease)
+                else:
+                    self.store.update(key, info, pair.version, lease)
+        except BaseException:
+            with contextlib.suppress(StoreError):
+                lease.revoke()
+            raise
         self.store.put(HOST_RECORDS + self.address, info)
         self.lease = lease
         self._lost.clear()
@@ -124,7 +146,7 @@ class Cluster:
                 log.info("registered again in the cluster store")
                 delay = 0.5
                 self.listener.store_reconnected()
-            except StoreError as e:
+            except Exception as e:  # noqa: BLE001 - a membership thread must never die
                 log.warning("cannot register in the cluster store (%s); retrying", e)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
@@ -163,6 +185,9 @@ class Cluster:
     def _host_deleted(self, pair: KVPair) -> None:
         address = pair.key[len(HOSTS):]
         if address == self.address:
+            if not self._stopping.is_set():   # deleted by hand or by a reclaim: register again
+                log.warning("this host's key was deleted from the cluster store: registering again")
+                self._lost.set()
             return
         with self._lock:
             self._missing_since.setdefault(address, time.monotonic())
@@ -229,10 +254,14 @@ class Cluster:
 
     def _watch_for_dead_hosts(self) -> None:
         while not self._stopping.wait(max(1.0, self.ttl / 2)):
+            if self.reclaim_after <= 0:
+                continue   # automatic reclaim off: `netd host rm` only
             try:
                 self._reclaim_dead_hosts()
             except StoreError as e:
                 log.debug("reclaim check skipped: %s", e)
+            except Exception:  # noqa: BLE001 - the reclaim thread must never die
+                log.exception("reclaim check failed; trying again next round")
 
     def _reclaim_dead_hosts(self) -> None:
         alive = {key[len(HOSTS):] for key in self.hosts.items()} | {self.address}
@@ -261,9 +290,37 @@ class Cluster:
         self.listener.host_reclaimed(address)
         with self._lock:
             self._reclaimed.add(address)
+        # Its record goes too (the table stays bounded); a host that comes back and finds its
+        # record gone knows it was reclaimed, and claims back what it can (netd.core.recovery).
+        with contextlib.suppress(StoreError):
+            self.store.delete(HOST_RECORDS + address)
         if count:
             log.warning("reclaimed %d endpoint(s) of dead host %s", count, address)
         return count
+
+
+class DuplicateHost(Conflict):
+    """Another live host registered this host's address."""
+
+
+def remove_host(cluster: Cluster, address: str) -> int:
+    """`netd host rm ADDRESS`: an operator says a host is gone for good: reclaim it now."""
+    if address == cluster.address:
+        raise BadRequest(f"{address} is this host: run `netd host rm` on another host of the cluster")
+    if cluster.alive(address):
+        raise Conflict(f"host {address} is alive (its lease is renewed): stop its daemon first")
+    records, _ = cluster.store.list(HOST_RECORDS)
+    if not any(p.key == HOST_RECORDS + address for p in records) and not cluster.endpoints_of_host(address):
+        raise NotFound(f"no host {address} in the cluster")
+    return cluster.reclaim(address)
+
+
+def _json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _endpoint(pair: KVPair) -> Endpoint | None:

@@ -58,8 +58,13 @@ class ClusterEvents:
                           endpoint.container_name, endpoint.address, endpoint.host, e)
 
     def store_reconnected(self) -> None:
-        """The cluster store is back (or we just started): free addresses this host took but
-        never used, e.g. when the store went away in the middle of a `netd run`."""
+        """The cluster store is back (or we just started): claim back this host's endpoints the
+        cluster lost (netd.core.recovery), then free addresses this host took but never used,
+        e.g. when the store went away in the middle of a `netd run`."""
+        try:
+            self.recover_own_endpoints()
+        except Exception:  # noqa: BLE001 - tried again at the next reconnect and by the reconciler
+            log.exception("could not claim back this host's endpoints")
         with self.lock:
             mine = self.endpoints.ids()
             ipam = self.ipam[GLOBAL]

@@ -44,6 +44,8 @@ from netd.core.keys import (
 )
 from netd.core.networks import Networks
 from netd.core.ports import Ports
+from netd.core.reconcile import Reconcile
+from netd.core.recovery import Recovery
 from netd.core.resolution import Resolution
 from netd.core.state import BUILTIN_NETWORKS, EndpointTable, Paths
 from netd.kernel.rtnl import stop_retirer
@@ -52,7 +54,7 @@ from runtime import etcfiles, process
 log = logging.getLogger("netd.core.controller")
 
 
-class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEvents):
+class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEvents, Recovery, Reconcile):
     """The daemon's core. Its concerns live in the classes it is made of, one module each."""
 
     def __init__(
@@ -109,13 +111,17 @@ class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEv
         os.makedirs(os.path.join(self.paths.data_dir, "containers"), exist_ok=True)
         with self.lock:
             self._load_local()
+            self._reconcile_local()
         if self.cluster is not None:
             # Outside the lock: the cluster's mirrors call back into the controller as they load.
             self.cluster.start()
         with self.lock:
             if self.cluster is not None:
+                in_cluster = set()
                 for endpoint in self.cluster.endpoints_of_host(self.host_key):
                     self.endpoints.add(endpoint)
+                    in_cluster.add(endpoint.id)
+                self._load_own_global_endpoints(in_cluster)
             self.resolver.start()
             self._restore()
             self._ensure_builtin_networks()

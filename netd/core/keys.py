@@ -10,6 +10,8 @@ ENDPOINTS = ROOT + "endpoints/"               # <network id>/<endpoint id> -> En
 ENDPOINT_NAMES = ROOT + "endpoint-names/"     # <network id>/<name> -> endpoint id (global networks)
 CONTAINERS = ROOT + "containers/"             # <container id> -> Container (local store)
 CONTAINER_NAMES = ROOT + "container-names/"   # <name> -> container id
+OWN_ENDPOINTS = ROOT + "own-endpoints/"       # <network id>/<endpoint id>: this host's endpoints on global
+                                              # networks, kept locally too (local store): what to claim back
 HOSTS = ROOT + "hosts/"                       # <host key> -> live member (under a lease)
 HOST_RECORDS = ROOT + "host-records/"         # <host key> -> every host ever seen
 IPAM = ROOT + "ipam/"                         # pools/, subnets/, addresses/ (netd.core.ipam)

@@ -16,6 +16,7 @@ from netd.contract.model import (
     check_name,
     new_id,
 )
+from netd.core.cluster import remove_host
 from netd.core.ipam import parse_address
 from netd.core.keys import (
     NETWORK_NAMES,
@@ -170,6 +171,16 @@ class Networks:
         return impl.network_warning(network) if impl is not None else ""
 
     # --- IPAM queries -----------------------------------------------------------------------
+
+    def host_list(self) -> list[dict]:
+        if self.cluster is None:
+            return [{"Address": self.host.address, "Name": self.host.name, "ID": self.host.id, "Alive": True}]
+        return self.cluster.host_list()
+
+    def remove_host(self, address: str) -> int:
+        if self.cluster is None:
+            raise BadRequest("this daemon has no cluster store: there are no other hosts to remove")
+        return remove_host(self.cluster, address)
 
     def ipam_pools(self) -> list[dict]:
         rows = []

@@ -63,6 +63,9 @@ class EndpointTable:
     def get(self, endpoint_id: str) -> Endpoint | None:
         return self._by_id.get(endpoint_id)
 
+    def all(self) -> list[Endpoint]:
+        return list(self._by_id.values())
+
     def ids(self) -> set[str]:
         return set(self._by_id)
 
