@@ -188,7 +188,9 @@ class Daemon:
         self.controller.info_extra = self.info
         self.controller.start()
         if self.controller.cluster is not None:
-            from netd.debug.trace import TraceAgent  # serves other hosts' `netd trace` (through the store)
+            from netd.debug.trace.agent import (
+                TraceAgent,  # serves other hosts' `netd trace` (through the store)
+            )
 
             self.trace_agent = TraceAgent(self.controller).start()
         self.server = ApiServer(s.socket_path, self.controller)

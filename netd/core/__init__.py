@@ -1,1 +1,1 @@
-"""TBD"""
+"""The core: the controller (split by concern), IPAM, cluster membership, DNS, the store key layout."""

@@ -19,7 +19,7 @@ def cmd_capture(client, args) -> int:
 
 
 def cmd_trace(client, args) -> int:
-    from netd.debug.trace import cmd_trace as run
+    from netd.debug.trace.report import cmd_trace as run
 
     return run(client, args)
 

@@ -193,7 +193,7 @@ def test_nothing_is_left_behind(lan):
     trace(host, n["a"], n["b"])
     tables = host.sh("nft list tables").stdout
     assert "netd_trace" not in tables
-    leftover = subprocess.run(["pgrep", "-f", "netd.debug.capture"], capture_output=True, text=True).stdout.split()
+    leftover = subprocess.run(["pgrep", "-f", "netd.debug.worker"], capture_output=True, text=True).stdout.split()
     mine = [pid for pid in leftover if _in_namespace(pid, host.name)]
     assert not mine, f"capture workers left running: {mine}"
 
