@@ -33,7 +33,8 @@ import pytest
 
 import netd.kernel.firewall as firewall_module
 from netd.contract.errors import BadRequest, Conflict, NotFound
-from netd.kernel.firewall import Firewall, PublishedPort
+from netd.kernel.firewall import Firewall
+from netd.kernel.firewall_elements import PublishedPort
 from runtime.namespaces import entered_netns
 
 HOST_UPLINK = "203.0.113.2"
