@@ -27,6 +27,15 @@ def join(scratch: Scratch, driver, net, address: str, name: str = "c"):
     return ep
 
 
+def remove(driver, net, ep) -> None:
+    """The controller's steps back: leave, delete the endpoint, give the range back, delete the network."""
+    driver.leave(net, ep)
+    driver.delete_endpoint(net, ep)
+    driver.release_address_range(net)
+    driver.delete_network(net)
+    driver.close()
+
+
 def gateway_of(driver, net) -> str:
     return driver.default_gateway(net) or net.ipam.gateway
 
@@ -53,11 +62,7 @@ def test_lifecycle_leaves_nothing(scratch: Scratch, name: str):
     assert address in scratch.sh(ep.sandbox, "ip -4 -o addr show eth0").stdout
     ping = scratch.sh(ep.sandbox, f"ping -c1 -W2 {gateway_of(driver, net)}")
     assert ping.returncode == 0, ping.stdout + ping.stderr
-    driver.leave(net, ep)
-    driver.delete_endpoint(net, ep)
-    driver.release_address_range(net)
-    driver.delete_network(net)
-    driver.close()
+    remove(driver, net, ep)
     flush_retired()
     assert scratch.links() == before, "interfaces left behind"
 
@@ -74,11 +79,7 @@ def test_restart_keeps_a_joined_container(scratch: Scratch, name: str):
     again.restore_done()
     ping = scratch.sh(ep.sandbox, f"ping -c1 -W2 {gateway_of(again, net)}")
     assert ping.returncode == 0, ping.stdout + ping.stderr
-    again.leave(net, ep)
-    again.delete_endpoint(net, ep)
-    again.release_address_range(net)
-    again.delete_network(net)
-    again.close()
+    remove(again, net, ep)
 
 
 @pytest.mark.parametrize("name, options, message", [

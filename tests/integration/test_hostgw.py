@@ -17,8 +17,7 @@ import pytest
 
 from kvstore import KVStore, open_store
 from runtime.namespaces import entered_netns
-from tests.support.etcd_server import EtcdServer
-from tests.support.hosts import UPLINK_HOST, UPLINK_OUTSIDE, NetdHost
+from tests.support.hosts import UPLINK_OUTSIDE, NetdHost, clustered_host
 
 SUBNET = "10.244.0.0/16"
 LEASES = "netd/hostgw/leases/"
@@ -49,20 +48,8 @@ class StoreInHost:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[NetdHost, StoreInHost]]:
-    host = NetdHost(prefix="hgt")
-    etcd = None
-    try:
-        host.create_namespaces()
-        with entered_netns(f"/run/netns/{host.name}"):
-            etcd = EtcdServer()
-        url = f"etcd://127.0.0.1:{etcd.client_port}"
-        host.daemon_args = ["--cluster-store", url, "--cluster-advertise", UPLINK_HOST]
-        host.start()
+    with clustered_host(prefix="hgt") as (host, url):
         yield host, StoreInHost(host, url)
-    finally:
-        host.cleanup()
-        if etcd is not None:
-            etcd.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from netd.api.client import Client
-from runtime.namespaces import entered_netns
-from tests.support.etcd_server import EtcdServer
-from tests.support.hosts import PYTHON, UPLINK_HOST, NetdHost
+from tests.support.hosts import PYTHON, NetdHost, clustered_host
 
 pytestmark = pytest.mark.timeout(240)
 LISTEN = 4.0     # seconds of capture while the second container comes up and settles
@@ -25,24 +23,12 @@ LISTEN = 4.0     # seconds of capture while the second container comes up and se
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[NetdHost]:
-    netd_host = NetdHost(prefix="netdt")
-    etcd = None
-    try:
-        netd_host.create_namespaces()
-        with entered_netns(f"/run/netns/{netd_host.name}"):
-            etcd = EtcdServer()
-        netd_host.daemon_args = ["--cluster-store", f"etcd://127.0.0.1:{etcd.client_port}",
-                                 "--cluster-advertise", UPLINK_HOST]
-        netd_host.start()
+    with clustered_host() as (netd_host, _):
         # The macvlan parent and its wire are the test's, not netd's: quiet them too, before they are up.
         netd_host.sh("ip link add qparent type veth peer name qwire"
                      " && sysctl -qw net.ipv6.conf.qparent.disable_ipv6=1 net.ipv6.conf.qwire.disable_ipv6=1"
                      " && ip link set qparent up && ip link set qwire up")
         yield netd_host
-    finally:
-        netd_host.cleanup()
-        if etcd is not None:
-            etcd.close()
 
 
 def listen(netns: str, ifname: str) -> subprocess.Popen:

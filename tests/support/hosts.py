@@ -183,3 +183,26 @@ def _netns_files(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         return []
     return [os.path.join(directory, e) for e in os.listdir(directory)]
+
+
+@contextlib.contextmanager
+def clustered_host(prefix: str = "netdt"):
+    """A NetdHost whose daemon uses a real etcd, run inside the host's namespace (where the daemon
+    reaches it on 127.0.0.1): (host, the store's URL). Both removed on exit."""
+    from runtime.namespaces import entered_netns
+    from tests.support.etcd_server import EtcdServer
+
+    host = NetdHost(prefix=prefix)
+    etcd = None
+    try:
+        host.create_namespaces()
+        with entered_netns(f"/run/netns/{host.name}"):
+            etcd = EtcdServer()
+        url = f"etcd://127.0.0.1:{etcd.client_port}"
+        host.daemon_args = ["--cluster-store", url, "--cluster-advertise", UPLINK_HOST]
+        host.start()
+        yield host, url
+    finally:
+        host.cleanup()
+        if etcd is not None:
+            etcd.close()
