@@ -364,10 +364,21 @@ class HttpClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._local = threading.local()
+        # The breaker: after TIMEOUTS_TO_OPEN timeouts in a row the server is "not answering" for
+        # QUIET seconds and calls fail at once, so that callers never pile up behind a frozen
+        # store (each would wait the full timeout); the first call after that tries again.
+        self._timeouts = 0
+        self._quiet_until = 0.0
+
+    TIMEOUTS_TO_OPEN = 2
+    QUIET = 3.0
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 timeout: float | None = None) -> HttpReply:
         """`path` may be a whole URL; only its path and query are used."""
+        if time.monotonic() < self._quiet_until:
+            raise requests.exceptions.ConnectionError(
+                f"not answering ({self._timeouts} timeouts in a row; trying again shortly)")
         parsed = urlparse(path)
         target = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
         connection = self._connection()
@@ -378,14 +389,21 @@ class HttpClient:
             connection.request(method, target, body=body, headers=headers)
             sent = True
             reply = connection.getresponse()
+            self._timeouts = 0
             return HttpReply(reply.status, reply.reason, reply.headers, reply.read())
         except (OSError, http.client.HTTPException) as error:
             connection.close()
             self._local.connection = None
             if isinstance(error, TimeoutError):
+                self._timed_out()
                 raise (requests.exceptions.ReadTimeout if sent else requests.exceptions.ConnectTimeout)(
                     "timed out waiting for an answer") from None
             raise requests.exceptions.ConnectionError(describe_failure(error)) from None
+
+    def _timed_out(self) -> None:
+        self._timeouts += 1
+        if self._timeouts >= self.TIMEOUTS_TO_OPEN:
+            self._quiet_until = time.monotonic() + self.QUIET
 
     def _connection(self) -> http.client.HTTPConnection:
         """This thread's connection, connected; a new one if the server closed the old one."""
@@ -398,6 +416,7 @@ class HttpClient:
             try:
                 connection.connect()
             except TimeoutError:
+                self._timed_out()
                 raise requests.exceptions.ConnectTimeout(
                     f"no answer to connecting within {self.connect_timeout:g}s") from None
             except OSError as error:

@@ -322,4 +322,4 @@ def _encode(text: str) -> str:
 
 
 def _decode(data: str | None) -> str:
-    return base64.b64decode(data).decode() if data else ""
+    return base64.b64decode(data).decode("utf-8", errors="replace") if data else ""

@@ -290,7 +290,10 @@ def _encode_bytes(data: bytes) -> str:
 
 
 def _decode(data: str) -> str:
-    return base64.b64decode(data).decode()
+    """Text of a key or value. Bytes that are not UTF-8 (garbage written by hand) become U+FFFD:
+    the value then fails its JSON check and is skipped by whoever reads it, instead of killing a
+    watch, which would retry the same revision forever."""
+    return base64.b64decode(data).decode("utf-8", errors="replace")
 
 
 def _gateway_message(error: Etcd3Exception) -> str:

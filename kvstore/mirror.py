@@ -91,14 +91,23 @@ class Mirror:
             except Compacted:
                 log.info("mirror of %s: history compacted, listing again", self.prefix)
                 must_list = True
-            except StoreError as error:
+            except Exception as error:  # noqa: BLE001 - the mirror's thread must never die
                 self.connected = False
                 if self._stopping.is_set():
                     break
-                log.warning("mirror of %s: %s; retrying in %.2fs", self.prefix, error, delay)
+                if not isinstance(error, StoreError):   # garbage in the store, a bug: list afresh
+                    log.exception("mirror of %s failed; listing again in %.2fs", self.prefix, delay)
+                    must_list = True
+                else:
+                    log.warning("mirror of %s: %s; retrying in %.2fs", self.prefix, error, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self.max_retry_delay)
         self.connected = False
+
+    @property
+    def alive(self) -> bool:
+        """The mirror's thread runs (it has not died, and it was started)."""
+        return self._thread.is_alive()
 
     def _resync(self) -> None:
         """List the prefix and turn the copy into the listing, with callbacks for the difference."""

@@ -8,6 +8,7 @@ re-parented to it and the Reaper collects its exit status through a pidfd.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -143,13 +144,28 @@ class Reaper:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             # Gone before we looked (and not a zombie child of ours): exited, code unknown.
-            self._exited[pid] = None
-            self._cond.notify_all()
+            self._record_exit(pid, None)
+            return
+        except OSError as e:
+            # Out of descriptors (EMFILE): a process nobody watches would be an orphan that holds
+            # its address forever. Better a container that exited at once, and a log line.
+            log.error("cannot watch process %d (%s): killing it", pid, e)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            self._record_exit(pid, None)
             return
         self._exited.pop(pid, None)
         self._pidfds[pid] = pidfd
         self._pids[pidfd] = pid
         self._epoll.register(pidfd, select.EPOLLIN)
+
+    MAX_EXITS = 4096   # exits remembered for containers not yet removed; the oldest go first
+
+    def _record_exit(self, pid: int, code: int | None) -> None:
+        self._exited[pid] = code
+        while len(self._exited) > self.MAX_EXITS:
+            self._exited.pop(next(iter(self._exited)))
+        self._cond.notify_all()
 
     def forget(self, pid: int) -> None:
         """Drop the recorded exit and pending callbacks of `pid` (its container was removed).
@@ -213,9 +229,8 @@ class Reaper:
             del self._pidfds[pid]
             self._epoll.unregister(pidfd)
             os.close(pidfd)
-            self._exited[pid] = code
+            self._record_exit(pid, code)
             callbacks = self._callbacks.pop(pid, [])
-            self._cond.notify_all()
         for callback in callbacks:
             try:
                 callback(pid, code)

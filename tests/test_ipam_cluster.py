@@ -73,3 +73,27 @@ def test_a_static_address_asked_by_two_hosts_at_once_has_one_winner(etcd):
     assert len(winners) == 1
     assert all("already in use on network two" in outcome for host, outcome in results if host not in winners)
     store.close()
+
+
+def create_pool(url: str, host: str, network_id: str, subnet: str, start, results) -> None:
+    store = open_store(url)
+    ipam = IPAM(store, host=host, scope="global")
+    start.wait()
+    try:
+        ipam.request_pool(network_id, network_id, subnet=subnet)
+        results.put((network_id, "created"))
+    except Conflict as e:
+        results.put((network_id, str(e)))
+    store.close()
+
+
+def test_overlapping_subnets_created_at_once_on_two_hosts_have_one_winner(etcd):
+    """10.N.0.0/16 and 10.N.2.0/24 at the same moment, for 12 values of N at once: a key per exact
+    CIDR lets both in; the subnet index, swapped in the same transaction, lets one of each pair."""
+    pairs = range(80, 92)
+    args = [(etcd.url, f"h{n}a", f"wide{n}", f"10.{n}.0.0/16") for n in pairs]
+    args += [(etcd.url, f"h{n}b", f"narrow{n}", f"10.{n}.2.0/24") for n in pairs]
+    results = dict(run_hosts(create_pool, args))
+    for n in pairs:
+        outcomes = [results[f"wide{n}"], results[f"narrow{n}"]]
+        assert outcomes.count("created") == 1, (n, outcomes)

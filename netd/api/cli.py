@@ -204,7 +204,9 @@ def cmd_inspect(client: Client, args) -> int:
 
 
 def cmd_logs(client: Client, args) -> int:
-    query = {"follow": 1} if args.follow else None
+    query = {"follow": 1} if args.follow else {}
+    if args.tail != "all":
+        query["tail"] = args.tail
     for chunk in client.stream("GET", f"/containers/{q(args.name)}/logs", query=query):
         sys.stdout.buffer.write(chunk)
         sys.stdout.flush()
@@ -260,6 +262,10 @@ def cmd_info(client: Client, args) -> int:
             print(f"{key}:")
             for item in value:
                 print(f"  {item}")
+        elif isinstance(value, dict):
+            print(f"{key}:")
+            for name, state in value.items():
+                print(f"  {name}: {state}")
         else:
             print(f"{key}: {value}")
     return 0
@@ -402,7 +408,8 @@ def add_container_commands(sub) -> None:
     exec_.set_defaults(run=cmd_exec)
 
     logs = sub.add_parser("logs", help="output of a container")
-    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing what the container writes")
+    logs.add_argument("-n", "--tail", default="all", metavar="N", help="only the last N lines (default all)")
     logs.add_argument("name")
     logs.set_defaults(run=cmd_logs)
 

@@ -193,8 +193,21 @@ class Daemon:
             )
 
             self.trace_agent = TraceAgent(self.controller).start()
+        threading.Thread(target=self._maintain, name="maintenance", daemon=True).start()
         self.server = ApiServer(s.socket_path, self.controller)
         log.info("netd daemon ready on %s (run dir %s, data dir %s)", s.socket_path, s.run_dir, s.data_dir)
+
+    def _maintain(self, interval: float = 10.0) -> None:
+        """Keep what grows bounded: containers' logs rotated by size (runtime.logs)."""
+        from runtime.logs import rotate_if_large
+
+        while not self._stopping.wait(interval):
+            try:
+                for container in self.controller.list_containers():
+                    if rotate_if_large(self.controller.paths.log_file(container.id)):
+                        log.info("rotated the log of %s", container.name)
+            except Exception:  # noqa: BLE001 - the maintenance thread must not die
+                log.exception("maintenance round failed")
 
     def info(self) -> dict:
         s = self.settings

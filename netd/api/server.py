@@ -24,6 +24,7 @@ from netd.contract.errors import BadRequest, Internal, NotFound
 from netd.contract.model import PortBinding
 from netd.core.controller import Controller
 from netd.core.ports import parse_port_proto
+from runtime import logs
 
 log = logging.getLogger("netd.api.server")
 
@@ -183,10 +184,14 @@ def container_inspect(ctl: Controller, query, body, ref):
 @route("GET", "/containers/{ref}/logs")
 def container_logs(ctl: Controller, query, body, ref):
     container = ctl.get_container(ref)
-    if query.get("follow", "0") in ("1", "true"):
-        return Stream(_follow_log(ctl, container.id))
     path = ctl.paths.log_file(container.id)
-    return Stream(iter([_read(path)]))
+    lines = query.get("tail", "all")
+    if lines != "all" and not (lines.isdigit()):
+        raise BadRequest(f"invalid tail {lines!r}: give a number of lines or all")
+    start = logs.tail(path, int(lines)) if lines != "all" else _read(path)
+    if query.get("follow", "0") in ("1", "true"):
+        return Stream(_follow_log(ctl, container.id, start, skip_to_end=lines != "all"))
+    return Stream(iter([start]))
 
 
 def _read(path: str) -> bytes:
@@ -197,17 +202,26 @@ def _read(path: str) -> bytes:
         return b""
 
 
-def _follow_log(ctl: Controller, container_id: str) -> Iterator[bytes]:
+def _follow_log(ctl: Controller, container_id: str, start: bytes = b"", skip_to_end: bool = False) -> Iterator[bytes]:
+    """What is there (or its tail), then what comes, until the container stops; a log rotated
+    meanwhile (truncated) is followed from its new start."""
     path = ctl.paths.log_file(container_id)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below, the generator may be long-lived
     except FileNotFoundError:
         return
     with f:
+        if skip_to_end:
+            f.seek(0, os.SEEK_END)
+            if start:
+                yield start
         while True:
             chunk = f.read(65536)
             if chunk:
                 yield chunk
+                continue
+            if os.fstat(f.fileno()).st_size < f.tell():   # rotated: truncated under us
+                f.seek(0)
                 continue
             container = ctl.container_by_id(container_id)
             if container is None or container.state != "running":

@@ -73,9 +73,12 @@ class Cluster:
                                on_delete=lambda p: listener.global_network_changed(p, True))
         self.endpoints = Mirror(store, ENDPOINTS, on_put=self._endpoint_put, on_delete=self._endpoint_deleted)
         self._threads = [
-            threading.Thread(target=self._keep_membership, name="cluster-membership", daemon=True),
-            threading.Thread(target=self._watch_for_dead_hosts, name="cluster-reclaim", daemon=True),
+            threading.Thread(target=self._supervised, args=(self._keep_membership,), name="cluster-membership",
+                             daemon=True),
+            threading.Thread(target=self._supervised, args=(self._watch_for_dead_hosts,), name="cluster-reclaim",
+                             daemon=True),
         ]
+        self.restarts: dict[str, int] = {}
 
     @property
     def address(self) -> str:
@@ -150,6 +153,31 @@ class Cluster:
                 log.warning("cannot register in the cluster store (%s); retrying", e)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _supervised(self, loop) -> None:
+        """Run a background loop; should it ever end or raise before the cluster stops, log it and
+        run it again (the count shows in `netd info`)."""
+        name = threading.current_thread().name
+        while not self._stopping.is_set():
+            try:
+                loop()
+            except Exception:  # noqa: BLE001
+                log.exception("%s failed; restarting it", name)
+            if self._stopping.wait(1.0):
+                return
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+
+    def health(self) -> dict[str, str]:
+        """Each background thread of the cluster: "ok", "restarted N times", or "stopped"."""
+        out = {}
+        for thread in self._threads:
+            restarts = self.restarts.get(thread.name, 0)
+            out[thread.name] = ("stopped" if not thread.is_alive() else
+                                f"ok (restarted {restarts} times)" if restarts else "ok")
+        for name, mirror in (("mirror hosts", self.hosts), ("mirror networks", self.networks),
+                             ("mirror endpoints", self.endpoints)):
+            out[name] = ("stopped" if not mirror.alive else "ok" if mirror.connected else "waiting for the store")
+        return out
 
     # --- hosts ------------------------------------------------------------------------------
 

@@ -301,21 +301,22 @@ class Containers:
             return None
         if ref in self.containers:
             return self.containers[ref]
-        matches = [c for c in self.containers.values() if c.id.startswith(ref)] if len(ref) >= 3 else []
+        matches = [c for c in list(self.containers.values()) if c.id.startswith(ref)] if len(ref) >= 3 else []
         if len(matches) > 1:
             raise BadRequest(f"container id prefix {ref} is ambiguous: give more characters")
         return matches[0] if matches else None
 
+    # Reads take no lock (never frozen): each reads one table in one step, which CPython does
+    # atomically, so `ps`, `inspect` and DNS answer while an operation waits on the store.
+
     def get_container(self, ref: str) -> Container:
-        with self.lock:
-            container = self._find_container(ref)
-            if container is None:
-                raise NotFound(f"no such container: {ref}")
-            return container
+        container = self._find_container(ref)
+        if container is None:
+            raise NotFound(f"no such container: {ref}")
+        return container
 
     def list_containers(self, all_states: bool = False) -> list[Container]:
-        with self.lock:
-            found = [c for c in self.containers.values() if all_states or c.state == "running"]
+        found = [c for c in list(self.containers.values()) if all_states or c.state == "running"]
         return sorted(found, key=lambda c: (c.created, c.id), reverse=True)
 
     def _container_endpoints(self, container: Container) -> list[Endpoint]:
@@ -324,8 +325,7 @@ class Containers:
         return sorted(found, key=lambda e: order.get(e.network_id, len(order)))
 
     def container_endpoints(self, container: Container) -> list[Endpoint]:
-        with self.lock:
-            return self._container_endpoints(container)
+        return self._container_endpoints(container)
 
     def _netns_owner(self, container: Container) -> Container:
         if container.shares_netns_of:
@@ -334,21 +334,17 @@ class Containers:
 
     def netns_owner(self, container: Container) -> Container:
         """The container whose namespace `container` runs in (itself, or the one it shares)."""
-        with self.lock:
-            return self._netns_owner(container)
+        return self._netns_owner(container)
 
     def local_endpoint(self, endpoint_id: str) -> Endpoint | None:
         """An endpoint on this host, by id."""
-        with self.lock:
-            return self.endpoints.get(endpoint_id)
+        return self.endpoints.get(endpoint_id)
 
     def container_by_id(self, container_id: str) -> Container | None:
-        with self.lock:
-            return self.containers.get(container_id)
+        return self.containers.get(container_id)
 
     def network_by_id(self, network_id: str) -> Network | None:
-        with self.lock:
-            return self.networks.get(network_id)
+        return self.networks.get(network_id)
 
     def driver_of(self, network: Network) -> Driver | None:
         """The network's driver, None if this daemon does not have it."""

@@ -213,21 +213,21 @@ class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEv
         from netd.contract import VERSION as __version__
 
         hosts = self.cluster.host_list() if self.cluster is not None else []
-        with self.lock:
-            running = sum(1 for c in self.containers.values() if c.state == "running")
-            info = {
-                "Name": self.host.name,
-                "ID": self.host.id,
-                "ServerVersion": __version__,
-                "Containers": len(self.containers),
-                "ContainersRunning": running,
-                "Networks": len(self.networks),
-                "Drivers": sorted(self.drivers),
-            }
-            if self.cluster is not None:
-                info["ClusterHosts"] = [
-                    f"{h.get('Address')} ({h.get('Name')}): {'alive' if h['Alive'] else 'dead'}" for h in hosts
-                ]
+        containers = list(self.containers.values())   # no lock: `netd info` answers during a long operation
+        info = {
+            "Name": self.host.name,
+            "ID": self.host.id,
+            "ServerVersion": __version__,
+            "Containers": len(containers),
+            "ContainersRunning": sum(1 for c in containers if c.state == "running"),
+            "Networks": len(self.networks),
+            "Drivers": sorted(self.drivers),
+        }
+        if self.cluster is not None:
+            info["ClusterHosts"] = [
+                f"{h.get('Address')} ({h.get('Name')}): {'alive' if h['Alive'] else 'dead'}" for h in hosts
+            ]
+            info["Health"] = self.cluster.health()
         if self.info_extra is not None:
             info.update(self.info_extra())
         return info

@@ -25,9 +25,11 @@ log = logging.getLogger("netd.core.dns")
 
 TYPE_A, TYPE_PTR, TYPE_AAAA = 1, 12, 28
 CLASS_IN = 1
-RCODE_SERVFAIL, RCODE_NXDOMAIN = 2, 3
+RCODE_SERVFAIL, RCODE_NXDOMAIN, RCODE_REFUSED = 2, 3, 5
 ANSWER_TTL = 10          # short: containers come and go
 FORWARD_TIMEOUT = 2.0
+MAX_FORWARDS = 256               # queries forwarded upstream at once, for all containers
+MAX_FORWARDS_PER_CONTAINER = 32  # ... and for one container
 
 # (container id, name) -> addresses, or None when netd does not know the name
 Lookup = Callable[[str, str], list[str] | None]
@@ -192,6 +194,12 @@ class Resolver:
                 records = addresses if qtype == TYPE_A else []   # known name: no AAAA, but not an error
                 _send(sock, build_reply(query, end, records), addr)
                 return
+        in_flight = sum(1 for forward in self._forwards.values() if forward[0] is sock)
+        if len(self._forwards) >= MAX_FORWARDS or in_flight >= MAX_FORWARDS_PER_CONTAINER:
+            # Bounded: each forward holds a socket up to FORWARD_TIMEOUT; one chatty container
+            # (or all of them) must not run the daemon out of descriptors. REFUSED: try later.
+            _send(sock, build_reply(query, end, [], RCODE_REFUSED), addr)
+            return
         self._forward(sock, addr, query, end, 0)
 
     def _forward(self, client: socket.socket, addr, query: bytes, end: int, index: int) -> None:

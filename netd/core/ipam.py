@@ -25,20 +25,24 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import random
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from kvstore import KeyExists, KVStore, StoreError, VersionConflict
+from kvstore import Create, Delete, KeyExists, KVStore, StoreError, Update, VersionConflict
 from netd.contract.errors import BadRequest, Conflict, NotFound
 from netd.contract.model import now, parse_address, parse_subnet  # noqa: F401 - parse_* used by callers of ipam too
 from netd.core import keys
 
+log = logging.getLogger(__name__)
+
 PREFIX = keys.IPAM
 POOLS = PREFIX + "pools/"
 SUBNETS = PREFIX + "subnets/"
+SUBNET_INDEX = PREFIX + "subnet-index"     # network id -> subnet, every reserved subnet of the scope (CAS)
 ADDRESSES = PREFIX + "addresses/"
 
 # Docker's default address pools: local networks take 172.17-31.0.0/16, then /20s of 192.168/16.
@@ -197,16 +201,60 @@ class IPAM:
         raise Conflict("all default address pools are in use: give the network a --subnet")
 
     def _reserve(self, pool: Pool, explicit: bool) -> None:
-        if explicit:
-            for other in self.pools():
-                if IPv4Network(other.subnet).overlaps(pool.net):
-                    raise self._overlap_error(pool.net, other)
-        self.store.create(_subnet_key(pool.net), pool.network_id)
-        try:
-            self.store.create(POOLS + pool.network_id, json.dumps(asdict(pool), sort_keys=True))
-        except Exception:
-            self.store.delete(_subnet_key(pool.net))
-            raise
+        """Claim the subnet atomically: the scope's subnet index (every reserved subnet, one key)
+        is updated by compare-and-swap in the same transaction that creates the pool, so two hosts
+        creating 10.1.0.0/16 and 10.1.2.0/24 at once cannot both win: the second re-reads the index
+        and finds the overlap. (A key per exact CIDR alone only stops the same CIDR twice.)"""
+        for _attempt in range(50):
+            pair = self.store.get(SUBNET_INDEX)
+            index = self._subnet_index(pair)
+            for subnet in index.values():
+                if IPv4Network(subnet).overlaps(pool.net):
+                    if explicit:
+                        raise self._overlap_error(pool.net)
+                    raise KeyExists(_subnet_key(pool.net))   # a default pool taken meanwhile: the next one
+            index[pool.network_id] = str(pool.net)
+            value = json.dumps(index, sort_keys=True)
+            ops = [Update(SUBNET_INDEX, value, pair.version) if pair else Create(SUBNET_INDEX, value),
+                   Create(_subnet_key(pool.net), pool.network_id),
+                   Create(POOLS + pool.network_id, json.dumps(asdict(pool), sort_keys=True))]
+            try:
+                self.store.commit(ops)
+                return
+            except VersionConflict:
+                continue
+            except KeyExists as e:
+                if e.key == SUBNET_INDEX:
+                    continue
+                raise
+        raise Conflict("could not reserve the subnet: too many concurrent network creations, try again")
+
+    def _subnet_index(self, pair) -> dict[str, str]:
+        """network id -> subnet, from the index key; built from the pools if there is none yet."""
+        if pair is not None:
+            try:
+                index = json.loads(pair.value)
+                if isinstance(index, dict):
+                    return {k: v for k, v in index.items() if isinstance(v, str)}
+            except ValueError:
+                log.error("the subnet index in the store is damaged: rebuilding it from the pools")
+        return {p.network_id: p.subnet for p in self.pools()}
+
+    def _unindex(self, network_id: str) -> None:
+        for _attempt in range(50):
+            pair = self.store.get(SUBNET_INDEX)
+            if pair is None:
+                return
+            index = self._subnet_index(pair)
+            if index.pop(network_id, None) is None:
+                return
+            op = (Update(SUBNET_INDEX, json.dumps(index, sort_keys=True), pair.version) if index
+                  else Delete(SUBNET_INDEX, pair.version))
+            try:
+                self.store.commit([op])
+                return
+            except VersionConflict:
+                continue
 
     def _overlap_error(self, net: IPv4Network, other: Pool | None = None) -> Conflict:
         if other is None:
@@ -223,6 +271,7 @@ class IPAM:
     def release_pool(self, network_id: str) -> None:
         pair = self.store.get(POOLS + network_id)
         self.store.delete_prefix(f"{ADDRESSES}{network_id}/")
+        self._unindex(network_id)
         if pair is not None:
             pool = Pool(**json.loads(pair.value))
             self.store.delete(_subnet_key(pool.net))
@@ -244,7 +293,7 @@ class IPAM:
 
     def pools(self) -> list[Pool]:
         pairs, _ = self.store.list(POOLS)
-        return [Pool(**json.loads(p.value)) for p in pairs]
+        return [pool for p in pairs if (pool := _decoded(Pool, p)) is not None]
 
     # --- addresses --------------------------------------------------------------------------
 
@@ -416,7 +465,7 @@ class IPAM:
 
     def allocations(self, network_id: str) -> list[Allocation]:
         pairs, _ = self.store.list(f"{ADDRESSES}{network_id}/")
-        allocations = [Allocation(**json.loads(p.value)) for p in pairs]
+        allocations = [a for p in pairs if (a := _decoded(Allocation, p)) is not None]
         return sorted(allocations, key=lambda a: int(IPv4Address(a.address)))
 
     def lookup(self, address: str) -> list[tuple[Pool, Allocation | None]]:
@@ -426,7 +475,7 @@ class IPAM:
         for pool in self.pools():
             if addr in pool.net:
                 pair = self.store.get(f"{ADDRESSES}{pool.network_id}/{addr}")
-                found.append((pool, Allocation(**json.loads(pair.value)) if pair else None))
+                found.append((pool, _decoded(Allocation, pair) if pair else None))
         return found
 
     def usage(self, pool: Pool) -> tuple[int, int]:
@@ -435,3 +484,18 @@ class IPAM:
         allocatable = pool.allocatable
         used = sum(1 for p in pairs if ipaddress.IPv4Address(p.key.rsplit("/", 1)[1]) in allocatable)
         return pool.usable_hosts(), used
+
+
+def _decoded(cls, pair):
+    """A Pool or Allocation from the store, or None (logged) for a value that is not one: garbage
+    written by hand must not stop `ipam ls`, allocation or reclaim."""
+    try:
+        value = cls(**json.loads(pair.value))
+        if cls is Allocation:
+            IPv4Address(value.address)
+        else:
+            IPv4Network(value.subnet)
+        return value
+    except (ValueError, TypeError, AttributeError) as e:
+        log.error("ignoring a bad value at %s in the store: %s", pair.key, e)
+        return None

@@ -6,6 +6,7 @@ import logging
 from ipaddress import IPv4Network
 
 import drivers
+from kvstore import StoreError
 from netd.contract.errors import BadRequest, Conflict, NotFound
 from netd.contract.model import (
     GLOBAL,
@@ -17,7 +18,7 @@ from netd.contract.model import (
     new_id,
 )
 from netd.core.cluster import remove_host
-from netd.core.ipam import parse_address
+from netd.core.ipam import Pool, parse_address
 from netd.core.keys import (
     NETWORK_NAMES,
     NETWORKS,
@@ -96,32 +97,36 @@ class Networks:
         for cidr in netlink.host_routes():
             with contextlib.suppress(ValueError):
                 avoid.append(IPv4Network(cidr, strict=False))
-        for other_scope, ipam in self.ipam.items():
-            if other_scope != scope:
-                avoid.extend(IPv4Network(p.subnet) for p in ipam.pools())
+        if scope == GLOBAL:
+            avoid.extend(IPv4Network(p.subnet) for p in self.ipam[LOCAL].pools())
+        else:
+            # The global pools are the global networks' subnets, which the cluster's mirror holds:
+            # a local network is created without asking the cluster store (it may be away).
+            avoid.extend(IPv4Network(n.ipam.subnet) for n in list(self.networks.values())
+                         if n.scope == GLOBAL and n.ipam is not None)
         return avoid
 
     def _find_network(self, ref: str) -> Network | None:
-        by_name = [n for n in self.networks.values() if n.name == ref]
+        networks = list(self.networks.values())
+        by_name = [n for n in networks if n.name == ref]
         if by_name:
             return by_name[0]
         if ref in self.networks:
             return self.networks[ref]
-        matches = [n for n in self.networks.values() if n.id.startswith(ref)] if len(ref) >= 3 else []
+        matches = [n for n in networks if n.id.startswith(ref)] if len(ref) >= 3 else []
         if len(matches) > 1:
             raise BadRequest(f"network id prefix {ref} is ambiguous: give more characters")
         return matches[0] if matches else None
 
     def get_network(self, ref: str) -> Network:
-        with self.lock:
-            network = self._find_network(ref)
-            if network is None:
-                raise NotFound(f"network {ref} not found")
-            return network
+        """Reads take no lock (see Containers.get_container)."""
+        network = self._find_network(ref)
+        if network is None:
+            raise NotFound(f"network {ref} not found")
+        return network
 
     def list_networks(self) -> list[Network]:
-        with self.lock:
-            return sorted(self.networks.values(), key=lambda n: n.name)
+        return sorted(list(self.networks.values()), key=lambda n: n.name)
 
     def network_endpoints(self, network: Network) -> list[Endpoint]:
         """Every endpoint of the network (on all hosts, for global networks)."""
@@ -185,11 +190,18 @@ class Networks:
     def ipam_pools(self) -> list[dict]:
         rows = []
         for scope, ipam in self.ipam.items():
-            for pool in ipam.pools():
-                size, used = ipam.usage(pool)
+            try:
+                pools = [(pool, ipam.usage(pool)) for pool in ipam.pools()]
+            except StoreError as e:   # the cluster store is away: the global networks as known here
+                log.warning("ipam ls: the cluster store did not answer (%s): global usage unknown", e)
+                pools = [(Pool(n.id, n.name, n.ipam.subnet, n.ipam.gateway, n.ipam.ip_range), None)
+                         for n in list(self.networks.values()) if n.scope == scope and n.ipam is not None]
+            for pool, usage in pools:
+                size, used = usage or (pool.usable_hosts(), None)
                 rows.append({"Network": pool.network_name, "NetworkID": pool.network_id, "Scope": scope,
                              "Subnet": pool.subnet, "IPRange": pool.ip_range or "", "Gateway": pool.gateway or "",
-                             "Size": size, "Used": used, "Free": size - used})
+                             "Size": size, "Used": used if used is not None else "?",
+                             "Free": size - used if used is not None else "?"})
         return sorted(rows, key=lambda r: r["Network"])
 
     def ipam_allocations(self, ref: str) -> list[dict]:

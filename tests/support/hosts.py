@@ -201,8 +201,12 @@ def clustered_host(prefix: str = "netdt"):
         url = f"etcd://127.0.0.1:{etcd.client_port}"
         host.daemon_args = ["--cluster-store", url, "--cluster-advertise", UPLINK_HOST]
         host.start()
+        host.etcd = etcd        # for tests that freeze it (SIGSTOP) or stop it
         yield host, url
     finally:
+        if etcd is not None and etcd.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                etcd.process.send_signal(signal.SIGCONT)
         host.cleanup()
         if etcd is not None:
             etcd.close()
