@@ -138,7 +138,15 @@ class Delete:
     version: int | None = None
 
 
-Op = Create | Update | Delete
+@dataclass(frozen=True)
+class Check:
+    """commit() op: only if `key` is still at `version`; writes nothing (VersionConflict otherwise).
+    E.g. an endpoint is stored only while its network is not being removed."""
+    key: str
+    version: int
+
+
+Op = Create | Update | Delete | Check
 
 
 class Lease(abc.ABC):
@@ -389,7 +397,7 @@ class HttpClient:
             connection.request(method, target, body=body, headers=headers)
             sent = True
             reply = connection.getresponse()
-            self._timeouts = 0
+            self._timeouts, self._quiet_until = 0, 0.0
             return HttpReply(reply.status, reply.reason, reply.headers, reply.read())
         except (OSError, http.client.HTTPException) as error:
             connection.close()

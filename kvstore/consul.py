@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 from kvstore import (
+    Check,
     Compacted,
     Create,
     Delete,
@@ -126,6 +127,8 @@ class ConsulStore(KVStore):
 
     def _operations(self, op: Op) -> list[dict[str, Any]]:
         """The Consul txn ops for one of ours."""
+        if isinstance(op, Check):
+            return [{"Verb": "check-index", "Key": op.key, "Index": op.version}]
         if isinstance(op, Delete):
             if op.version is None:
                 return [{"Verb": "delete", "Key": op.key}]

@@ -14,6 +14,7 @@ but only the owning process's watches see changes.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvstore import (
+    Check,
     Compacted,
     Create,
     Delete,
@@ -85,6 +87,10 @@ class EmbeddedStore(KVStore):
         self.url = f"sqlite://{path}"
         self.history_limit = history_limit
         try:
+            # Private from the start (SQLite gives its -wal and -shm files the database's mode):
+            # the store holds every container's command line and environment.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -141,7 +147,7 @@ class EmbeddedStore(KVStore):
                 row = db.execute("SELECT version FROM kv WHERE key = ?", (op.key,)).fetchone()
                 if isinstance(op, Create) and row:
                     raise KeyExists(op.key)
-                if isinstance(op, Update) and (not row or row[0] != op.version):
+                if isinstance(op, (Update, Check)) and (not row or row[0] != op.version):
                     raise VersionConflict(op.key)
                 if isinstance(op, Delete) and op.version is not None and (not row or row[0] != op.version):
                     raise VersionConflict(op.key)
@@ -151,6 +157,8 @@ class EmbeddedStore(KVStore):
                     raise LeaseExpired(lease)
             changes = []
             for op in ops:
+                if isinstance(op, Check):
+                    continue
                 if isinstance(op, Delete):
                     if db.execute("DELETE FROM kv WHERE key = ?", (op.key,)).rowcount:
                         changes.append(("delete", op.key, None))

@@ -22,6 +22,7 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
 from kvstore import (
+    Check,
     Compacted,
     Create,
     Delete,
@@ -113,7 +114,7 @@ class EtcdStore(KVStore):
         leases = [op.lease for op in ops if getattr(op, "lease", 0)]
         reply = self._post("/kv/txn", {
             "compare": [_compare(op) for op in guarded],
-            "success": [_write(op) for op in ops],
+            "success": [_write(op) for op in ops if not isinstance(op, Check)],
             # On failure, read back every guarded key to tell which compare failed.
             "failure": [{"request_range": {"key": _encode(op.key)}} for op in guarded],
         }, lease_id=leases[0] if leases else 0)
@@ -233,7 +234,7 @@ def _compare(op: Op) -> dict[str, Any] | None:
     """The txn compare that guards op, if it has one."""
     if isinstance(op, Create):
         return {"key": _encode(op.key), "target": "CREATE", "result": "EQUAL", "create_revision": 0}
-    if isinstance(op, Update) or op.version is not None:
+    if isinstance(op, (Update, Check)) or op.version is not None:
         return {"key": _encode(op.key), "target": "MOD", "result": "EQUAL", "mod_revision": op.version}
     return None
 

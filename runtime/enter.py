@@ -141,6 +141,10 @@ def _setup_and_exec(spec, stdio):
     for signum in (_signal.SIGPIPE, _signal.SIGXFSZ):
         _signal.signal(signum, _signal.SIG_DFL)
     _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+    if spec.get("capabilities") is not None:
+        ns.limit_capabilities(set(spec["capabilities"]))
+    if spec.get("no_new_privs", True) and spec.get("capabilities") is not None:
+        ns.no_new_privileges()
     cmd = spec["cmd"]
     try:
         _execvpe(cmd, env)
@@ -187,7 +191,7 @@ def main():
             raise SetupError("no command given", "bad_request")
         stdio = {
             "stdin": os.open("/dev/null", os.O_RDONLY),
-            "log": os.open(spec["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640),
+            "log": os.open(spec["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
         }
         if spec.get("netns_path"):
             try:

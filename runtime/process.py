@@ -43,6 +43,9 @@ class ProcessSpec:
     env: dict[str, str] = field(default_factory=dict)  # added to PATH and HOME defaults
     log_path: str = "/dev/null"  # stdout and stderr are appended here
     workdir: str = "/"
+    # Capability numbers the process keeps (runtime.capabilities); None: all (--privileged).
+    capabilities: list[int] | None = None
+    no_new_privs: bool = True
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,23 @@ def sethostname(name: str) -> None:
     """Set the hostname of the calling process's UTS namespace (at most 64 bytes)."""
     raw = name.encode()
     _check(_libc.sethostname(raw, len(raw)), f"sethostname({name!r})")
+
+
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def limit_capabilities(keep: set[int]) -> None:
+    """Drop every capability not in `keep` from the bounding set: after exec, root holds only
+    those (for uid 0 the permitted set is the bounding set), and can never regain the others."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if cap not in keep:
+            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
+
+
+def no_new_privileges() -> None:
+    """setuid/setgid bits and file capabilities grant nothing from now on (PR_SET_NO_NEW_PRIVS)."""
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")

@@ -112,12 +112,14 @@ class OverlayDriver(Driver):
         network.driver_state["vni"] = vni
 
     def delete_network(self, network: Network) -> None:
-        """Remove this host's part (if any); the creating host also frees the VNI."""
+        """Remove this host's part (if any). The VNI is freed by release_network, last."""
         with self._lock:
             sandbox = self._sandboxes.pop(network.id, None)
             self._peers.pop(network.id, None)
         if sandbox is not None:
             self._remove_sandbox(network, sandbox)
+
+    def release_network(self, network: Network) -> None:
         vni = network.driver_state.get("vni")
         if vni is not None:
             pair = self.ctx.cluster_store.get(f"{VNI_KEYS}{vni}")

@@ -163,6 +163,9 @@ def cmd_run(client: Client, args) -> int:
         "PublishAllPorts": args.publish_all,
         "ExposedPorts": args.expose or [],
         "Rootfs": os.path.abspath(args.rootfs) if args.rootfs else None,
+        "CapAdd": args.cap_add or [],
+        "CapDrop": args.cap_drop or [],
+        "Privileged": args.privileged,
         "Env": parse_key_values([e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in args.env or []], "-e"),
         "Detach": args.detach,
         "AutoRemove": args.rm,
@@ -392,6 +395,9 @@ def add_container_commands(sub) -> None:
     run.add_argument("-P", "--publish-all", action="store_true", help="publish every --expose'd port on a random host port")
     run.add_argument("--expose", action="append", metavar="PORT[/udp]")
     run.add_argument("--rootfs", help="directory to chroot into (default: the host's files)")
+    run.add_argument("--cap-add", action="append", metavar="CAP", help="add a Linux capability (e.g. NET_ADMIN, ALL)")
+    run.add_argument("--cap-drop", action="append", metavar="CAP", help="drop a Linux capability (e.g. NET_RAW, ALL)")
+    run.add_argument("--privileged", action="store_true", help="every capability (as Docker's --privileged)")
     run.add_argument("-e", "--env", action="append", metavar="KEY=VALUE")
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(run=cmd_run)

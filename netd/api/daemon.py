@@ -86,7 +86,7 @@ def host_identity(data_dir: str) -> str:
             return f.read().strip()
     except FileNotFoundError:
         ident = uuid.uuid4().hex
-        with open(path, "w") as f:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(ident + "\n")
         return ident
 
@@ -163,6 +163,9 @@ class Daemon:
         s = self.settings
         for path in (s.run_dir, s.data_dir):
             os.makedirs(path, mode=0o711, exist_ok=True)
+        # The data dir holds the database, the containers' records and logs: root only. (The run
+        # dir stays 0711: the socket's own mode says who may use it.)
+        os.chmod(s.data_dir, 0o700)
         self._lock_fds = [_lock_dir(s.run_dir, "run dir"), _lock_dir(s.data_dir, "data dir")]
         log.info("open files limit: %d", raise_open_files_limit())
         host = HostInfo(id=host_identity(s.data_dir), name=socket.gethostname(), address=s.cluster_advertise or "")

@@ -131,7 +131,9 @@ def container_view(ctl: Controller, container: Container) -> dict:
         "Config": {"Hostname": container.hostname, "Cmd": list(container.cmd), "Env": [f"{k}={v}" for k, v in container.env.items()],
                    "ExposedPorts": {p: {} for p in container.exposed}},
         "HostConfig": {"NetworkMode": container.network_mode, "AutoRemove": container.auto_remove,
-                       "PublishAllPorts": container.publish_all},
+                       "PublishAllPorts": container.publish_all, "Privileged": container.capabilities is None,
+                       "CapAdd": None, "CapDrop": None,
+                       "Capabilities": container.capabilities},
         "Rootfs": container.rootfs or "",
         "NetworkSettings": {
             "SandboxKey": container.netns,

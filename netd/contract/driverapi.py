@@ -182,6 +182,11 @@ class Driver(abc.ABC):
         """Every network was restored: remove kernel state no network claimed (left by a crash,
         or by networks removed while this daemon was down)."""
 
+    def release_network(self, network: Network) -> None:  # noqa: B027
+        """The network is gone everywhere (its records deleted): free what it held cluster-wide,
+        e.g. an overlay's VNI. Called last, on the host that removed it, so that a removal cut
+        short never leaves a live network whose VNI a new one could get."""
+
     def host_gone(self, network: Network, address: str) -> None:  # noqa: B027
         """The host at `address` died and its endpoints were reclaimed: free what this driver
         held cluster-wide for that host (e.g. a per-host gateway or shim address)."""

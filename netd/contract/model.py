@@ -71,6 +71,7 @@ class Network:
     labels: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=now)
     builtin: bool = False                # the default bridge, host and none networks
+    removing: bool = False               # a global network on its way out: no new endpoints
     # Driver-owned facts decided once at creation (bridge name, VNI, ...), shared by all hosts.
     driver_state: dict = field(default_factory=dict)
 
@@ -155,6 +156,7 @@ class Container:
     netns: str = ""                      # network namespace path; "" in host mode
     networks: list[str] = field(default_factory=list)  # network ids, in the order joined (eth0, eth1, ...)
     created: str = field(default_factory=now)
+    capabilities: list[str] | None = None   # what the process keeps (Docker's default set +/- flags); None: all
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

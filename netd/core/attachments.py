@@ -7,7 +7,7 @@ import json
 import logging
 from ipaddress import IPv4Network
 
-from kvstore import Create, Delete, KeyExists, KVStore, VersionConflict
+from kvstore import Check, Create, Delete, KeyExists, KVStore, VersionConflict
 from netd.contract.driverapi import JoinInfo
 from netd.contract.errors import BadRequest, Conflict, NotFound
 from netd.contract.model import (
@@ -21,6 +21,7 @@ from netd.contract.model import (
 from netd.core.keys import (
     CONTAINERS,
     ENDPOINTS,
+    NETWORKS,
     OWN_ENDPOINTS,
     endpoint_name_key,
 )
@@ -100,8 +101,14 @@ class Attachments:
             return
         name_key = endpoint_name_key(network.id, endpoint.container_name)
         owner = json.dumps({"Host": endpoint.host, "Endpoint": endpoint.id})
+        current = self.cluster.networks.get(NETWORKS + network.id) if self.cluster is not None else None
+        known = self._decode(Network.from_json, current) if current is not None else None
+        if known is None or known.removing:
+            raise Conflict(f"network {network.name} is being removed")
         try:
-            store.commit([Create(key, endpoint.to_json()), Create(name_key, owner)])
+            # Only while the network is as this host knows it: not marked for removal meanwhile.
+            store.commit([Check(NETWORKS + network.id, current.version), Create(key, endpoint.to_json()),
+                          Create(name_key, owner)])
             self.local_store.put(f"{OWN_ENDPOINTS}{network.id}/{endpoint.id}", endpoint.to_json())
         except KeyExists as e:
             if e.key != name_key:
@@ -110,6 +117,10 @@ class Attachments:
             where = f" on host {json.loads(holder.value).get('Host')}" if holder else ""
             raise Conflict(f"name {endpoint.container_name} is already used on network {network.name}{where}: "
                            "names are unique on a global network across the cluster") from None
+        except VersionConflict as e:
+            if e.key != NETWORKS + network.id:
+                raise
+            raise Conflict(f"network {network.name} changed meanwhile (it may be being removed): try again") from None
 
     def _unstore_endpoint(self, store: KVStore, network: Network, endpoint: Endpoint) -> None:
         """Remove the endpoint's keys — on a global network only those it still owns: after a

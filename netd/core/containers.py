@@ -26,7 +26,7 @@ from netd.core.state import DEFAULT_BRIDGE_NETWORK, STOP_TIMEOUT
 from netd.core.undo import Undo
 from netd.kernel import netlink
 from netd.kernel.rtnl import flush_retired
-from runtime import etcfiles, namespaces, process
+from runtime import capabilities, etcfiles, namespaces, process
 from runtime.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ class Containers:
         detach: bool = False,
         auto_remove: bool = False,
         hold_removal: bool = False,
+        cap_add: list[str] | None = None,
+        cap_drop: list[str] | None = None,
+        privileged: bool = False,
     ) -> Container:
         """Create and start a container. `hold_removal` keeps an --rm container's record
         after it exits until release_removal(), so a foreground client gets all its output."""
@@ -61,6 +64,10 @@ class Containers:
             raise BadRequest("no command given: netd run [OPTIONS] [--] CMD [ARG...]")
         if rootfs is not None and not os.path.isdir(rootfs):
             raise BadRequest(f"--rootfs {rootfs}: no such directory")
+        try:
+            kept = None if privileged else capabilities.effective(cap_add or [], cap_drop or [])
+        except capabilities.UnknownCapability as e:
+            raise BadRequest(str(e)) from None
         ports = list(ports or [])
         with self.lock:
             if name is None:
@@ -73,6 +80,7 @@ class Containers:
                 id=container_id, name=name, cmd=list(cmd), hostname=hostname or container_id[:12],
                 network_mode=network, rootfs=rootfs, env=dict(env or {}), detach=detach,
                 auto_remove=auto_remove, ports=ports, publish_all=publish_all, exposed=list(expose or []),
+                capabilities=kept,
             )
             mode_network, shared = self._resolve_network_mode(container, ip, ports, publish_all)
             with Undo(after_rollback=flush_retired) as undo:
@@ -189,6 +197,8 @@ class Containers:
             rootfs=container.rootfs,
             env=container.env,
             log_path=self.paths.log_file(container.id),
+            capabilities=None if container.capabilities is None else
+            [capabilities.NUMBERS[name] for name in container.capabilities],
         )
         try:
             handle = process.spawn(spec)

@@ -6,7 +6,7 @@ import logging
 from ipaddress import IPv4Network
 
 import drivers
-from kvstore import StoreError
+from kvstore import StoreError, VersionConflict
 from netd.contract.errors import BadRequest, Conflict, NotFound
 from netd.contract.model import (
     GLOBAL,
@@ -20,6 +20,7 @@ from netd.contract.model import (
 from netd.core.cluster import remove_host
 from netd.core.ipam import Pool, parse_address
 from netd.core.keys import (
+    ENDPOINTS,
     NETWORK_NAMES,
     NETWORKS,
 )
@@ -153,13 +154,39 @@ class Networks:
                     f"network {network.name} has active endpoints ({names}): disconnect or remove those containers first"
                 )
             store = self._store(network.scope)
-            self.drivers[network.driver].delete_network(network)
-            if network.driver in self.drivers and self.drivers[network.driver].has_addresses:
+            if network.scope == GLOBAL:
+                self._mark_removing(network)
+            impl = self.drivers[network.driver]
+            impl.delete_network(network)
+            if impl.has_addresses:
                 self.ipam[network.scope].release_pool(network.id)
-            store.delete(NETWORKS + network.id)
             store.delete(NETWORK_NAMES + network.name)
+            store.delete(NETWORKS + network.id)
             del self.networks[network.id]
+            impl.release_network(network)     # last: e.g. the VNI, once nothing can use it
             log.info("removed network %s", network.name)
+
+    def _mark_removing(self, network: Network) -> None:
+        """Phase one of removing a global network: mark it (compare-and-swap), so that no host
+        stores a new endpoint on it (they check its version in the same transaction), then look
+        for endpoints in the store itself, not in this host's copy. One found: unmark, refuse."""
+        key = NETWORKS + network.id
+        pair = self.cluster_store.get(key)
+        if pair is None:
+            raise NotFound(f"network {network.name} not found in the cluster store")
+        marked = Network.from_json(pair.value)
+        marked.removing = True
+        try:
+            marked_pair = self.cluster_store.update(key, marked.to_json(), pair.version)
+        except VersionConflict:
+            raise Conflict(f"network {network.name} changed while it was being removed: try again") from None
+        endpoints, _ = self.cluster_store.list(f"{ENDPOINTS}{network.id}/")
+        if endpoints:
+            marked.removing = False
+            with contextlib.suppress(VersionConflict):
+                self.cluster_store.update(key, marked.to_json(), marked_pair.version)
+            raise Conflict(f"network {network.name} has active endpoints ({len(endpoints)} in the cluster store): "
+                           "disconnect or remove those containers first")
 
     def prune_networks(self) -> list[str]:
         removed = []

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from kvstore import (
+    Check,
     Compacted,
     Create,
     Delete,
@@ -531,3 +532,14 @@ def test_every_process_is_gone_after_a_server_is_closed():
     server.close()
     assert not os.path.exists(f"/proc/{pid}") or wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 5)
     assert not os.path.exists(server.data_root)
+
+
+def test_check_guards_a_commit_and_writes_nothing(backend: Backend):
+    guard, key = backend.prefix + "guard", backend.prefix + "guarded"
+    pair = backend.store.put(guard, "open")
+    backend.store.commit([Check(guard, pair.version), Create(key, "1")])
+    assert backend.store.get(key).value == "1" and backend.store.get(guard).version == pair.version
+    backend.store.put(guard, "closing")
+    with pytest.raises(VersionConflict):
+        backend.store.commit([Check(guard, pair.version), Create(key + "2", "1")])
+    assert backend.store.get(key + "2") is None
