@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml scripts/install-system-packages
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m netd.api.launcher $(VENV)/bin/netd
 	touch $@
 
 test: install

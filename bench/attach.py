@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -24,6 +25,7 @@ from netd.api.client import Client
 from tests.support.hosts import NetdHost
 
 WINDOW = 30
+NETD_CLI = os.path.join(os.path.dirname(sys.executable), "netd")   # the installed launcher
 
 
 class NetdAttachPeer:
@@ -31,8 +33,10 @@ class NetdAttachPeer:
 
     name = "netd"
 
-    def __init__(self) -> None:
+    def __init__(self, second: bool = False, use_cli: bool = False) -> None:
         self.host = NetdHost(prefix="netdb", uplink=False, daemon_args=tuple(os.environ.get("NETD_BENCH_DAEMON_ARGS", "").split()))
+        self.second = second      # the containers are on a "home" network first (like-for-like with Docker)
+        self.use_cli = use_cli    # time `netd network connect` as typed (the installed launcher), not the API
         self.client: Client | None = None
         self.containers: list[str] = []
         self.network = "benchnet"
@@ -42,21 +46,35 @@ class NetdAttachPeer:
         self.client = Client(f"unix://{self.host.socket}")
         self.client.request("POST", "/networks/create", {
             "Name": self.network, "IPAM": {"Config": [{"Subnet": "10.200.0.0/16"}]}})
+        if self.second:
+            self.client.request("POST", "/networks/create", {
+                "Name": "home", "IPAM": {"Config": [{"Subnet": "10.201.0.0/16"}]}})
 
     def make_sandboxes(self, n: int) -> None:
         for i in range(len(self.containers), n):
             reply = self.client.request("POST", "/containers/run", {
-                "Cmd": ["sleep", "100000"], "Name": f"bench{i}", "NetworkMode": "none", "Detach": True})
+                "Cmd": ["sleep", "100000"], "Name": f"bench{i}", "NetworkMode": "home" if self.second else "none",
+                "Detach": True})
             self.containers.append(reply["Id"])
 
     def attach(self, i: int) -> float:
-        started = time.perf_counter()
-        self.client.request("POST", f"/networks/{self.network}/connect", {"Container": self.containers[i]})
-        return time.perf_counter() - started
+        return self._network_op("connect", i)
 
     def detach(self, i: int) -> float:
+        return self._network_op("disconnect", i)
+
+    def _network_op(self, op: str, i: int) -> float:
+        if self.use_cli:
+            argv = [NETD_CLI, "network", op, self.network, self.containers[i]]
+            env = {"PATH": os.environ.get("PATH", ""), "NETD_HOST": f"unix://{self.host.socket}"}
+            started = time.perf_counter()
+            result = subprocess.run(argv, capture_output=True, text=True, env=env)
+            elapsed = time.perf_counter() - started
+            if result.returncode != 0:
+                raise RuntimeError(f"netd network {op} {i}: {result.stderr.strip()}")
+            return elapsed
         started = time.perf_counter()
-        self.client.request("POST", f"/networks/{self.network}/disconnect", {"Container": self.containers[i]})
+        self.client.request("POST", f"/networks/{self.network}/{op}", {"Container": self.containers[i]})
         return time.perf_counter() - started
 
     def memory_rss_bytes(self) -> int | None:
@@ -70,27 +88,36 @@ class NetdAttachPeer:
 
 
 
-def make_peer(name: str):
+def make_peer(name: str, second: bool = False, use_cli: bool = False):
     if name == "netd":
-        return NetdAttachPeer()
+        return NetdAttachPeer(second=second, use_cli=use_cli)
     from bench import peers
 
     if name == "docker":
-        return peers.DockerBridgePeer()
-    if name == "cni":
-        return peers.CniBridgePeer()
+        return peers.DockerBridgePeer(second=second, use_cli=use_cli)
+    if name == "cni" and not use_cli:
+        return peers.CniBridgePeer(second=second)
     raise SystemExit(f"unknown peer {name!r}: use netd, docker or cni")
 
 
 def measure(peer, levels: list[int]) -> dict:
     """Latencies (seconds) of the attaches/detaches around each level, and RSS at the top."""
     top = max(levels)
+    started = time.monotonic()
     peer.make_sandboxes(top)
-    attach = [peer.attach(i) for i in range(top)]
+    print(f"   {peer.name}: {top} sandboxes made in {time.monotonic() - started:.0f}s", flush=True)
+    attach = []
+    for i in range(top):
+        attach.append(peer.attach(i))
+        if i + 1 in levels or (i + 1) % 250 == 0:
+            print(f"   {peer.name}: {i + 1}/{top} attached, median so far {summarize(attach[-WINDOW:])['median_ms']:.2f} ms",
+                  flush=True)
     rss = peer.memory_rss_bytes()
     detach = [0.0] * top
     for i in reversed(range(top)):
         detach[i] = peer.detach(i)
+        if i % 250 == 0:
+            print(f"   {peer.name}: {top - i}/{top} detached", flush=True)
     return {
         "levels": {
             level: {"attach": attach[max(0, level - min(level, WINDOW)):level],
@@ -103,25 +130,49 @@ def measure(peer, levels: list[int]) -> dict:
     }
 
 
+CASES = {
+    # name: (title, containers already on a network?, through the CLI?)
+    "second": ("like for like: a container already on a network, connected to a second one (API)", True, False),
+    "first": ("a container on no network, connected to its first (API; Docker's slow path)", False, False),
+    "cli": ("as a user types it: `netd network connect` vs `docker network connect`, second network", True, True),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.attach", description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="10,100,1000", help="endpoint counts to report (default %(default)s)")
     parser.add_argument("--peers", default="netd,docker,cni", help="which to run (default %(default)s)")
+    parser.add_argument("--cases", default="second,first,cli", help=f"which cases (of {', '.join(CASES)}; default %(default)s)")
     parser.add_argument("--docker-levels", default="10,100",
                         help="levels for Docker (default %(default)s; 1000 takes ~15 min and ~4 GiB here)")
+    parser.add_argument("--cli-levels", default="10", help="levels of the CLI case (default %(default)s)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root", file=sys.stderr)
         return 2
-    levels = sorted(int(x) for x in args.levels.split(","))
+    ok = True
+    for case in args.cases.split(","):
+        title, second, use_cli = CASES[case]
+        levels = sorted(int(x) for x in (args.cli_levels if use_cli else args.levels).split(","))
+        docker_levels = levels if use_cli else sorted(int(x) for x in args.docker_levels.split(","))
+        print(f"== {case}: {title}", flush=True)
+        results = run_case(args.peers.split(","), levels, docker_levels, second, use_cli)
+        print(f"\n{title}")
+        report(results)
+        print()
+        ok = ok and "netd" in results
+    return 0 if ok else 1
+
+
+def run_case(names: list[str], levels: list[int], docker_levels: list[int], second: bool, use_cli: bool) -> dict:
     results: dict[str, dict] = {}
-    for name in args.peers.split(","):
-        peer_levels = levels
-        if name == "docker" and args.docker_levels:
-            peer_levels = sorted(int(x) for x in args.docker_levels.split(","))
+    for name in names:
+        if use_cli and name == "cni":
+            continue   # a CNI plugin has no CLI: its figure is already one exec per call
+        peer_levels = docker_levels if name == "docker" else levels
         print(f"-- {name}: {max(peer_levels)} endpoints", flush=True)
         try:
-            peer = make_peer(name)
+            peer = make_peer(name, second=second, use_cli=use_cli)
         except Exception as e:  # noqa: BLE001 - report the peer as unavailable, go on
             print(f"   {name} unavailable: {e}", flush=True)
             continue
@@ -132,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {name} failed: {e}", flush=True)
         finally:
             peer.stop()
-    report(results)
-    return 0 if "netd" in results else 1
+    return results
 
 
 def report(results: dict[str, dict]) -> None:

@@ -321,7 +321,7 @@ class DockerBridgePeer:
 
     def __init__(self, use_cli: bool = False, subnet: str = "10.231.0.0/16", workers: int = 4,
                  dockerd: str = "/usr/sbin/dockerd", docker_cli: str = "/usr/bin/docker",
-                 start_timeout: float = 60, default_bridge: bool = False) -> None:
+                 start_timeout: float = 60, default_bridge: bool = False, second: bool = False) -> None:
         """use_cli: time `docker network connect|disconnect` (fork + CLI start-up included)
         instead of the API call. workers: parallel container creation in make_sandboxes (4 is
         about as fast as it gets on 2 CPUs). default_bridge: attach to Docker's built-in
@@ -329,6 +329,10 @@ class DockerBridgePeer:
         of a user-defined one; for reference only, netd is compared on user-defined networks."""
         self.use_cli = use_cli
         self.default_bridge = default_bridge
+        # second: the containers are already on a network (a user-defined "home" one) and are
+        # connected to a second: the like-for-like case. Otherwise they are on none (Docker's slow
+        # path: the first connect sets up the container's embedded DNS).
+        self.second = second
         self.subnet = subnet
         self.workers = max(1, workers)
         self.dockerd = dockerd
@@ -376,6 +380,10 @@ class DockerBridgePeer:
             "Name": self.network_name, "Driver": "bridge", "CheckDuplicate": True, "Labels": self.label,
             "IPAM": {"Driver": "default", "Config": [{"Subnet": self.subnet}]}})
         self.network_id = reply["Id"]
+        if self.second:
+            self.api.request("POST", "/networks/create", {
+                "Name": self.network_name + "-home", "Driver": "bridge", "CheckDuplicate": True, "Labels": self.label,
+                "IPAM": {"Driver": "default", "Config": [{"Subnet": "10.234.0.0/16"}]}})
 
     def _start_dockerd(self) -> None:
         assert self.tmp
@@ -447,12 +455,14 @@ class DockerBridgePeer:
         """A running container on no network at all (`docker run --network none`, then
         disconnected from `none`: Docker refuses to connect a container that is on `none`)."""
         api = self._thread_api()
+        mode = self.network_name + "-home" if self.second else "none"
         reply = api.request("POST", "/containers/create?" + urlencode({"name": f"{self.prefix}-{i}"}), {
             "Image": self.image, "Cmd": ["/bin/sleep", "2147483647"], "Labels": self.label,
-            "HostConfig": {"NetworkMode": "none", "LogConfig": {"Type": "none"}}})
+            "HostConfig": {"NetworkMode": mode, "LogConfig": {"Type": "none"}}})
         cid = reply["Id"]
         api.request("POST", f"/containers/{cid}/start")
-        api.request("POST", "/networks/none/disconnect", {"Container": cid, "Force": False})
+        if not self.second:
+            api.request("POST", "/networks/none/disconnect", {"Container": cid, "Force": False})
         return cid
 
     def make_sandboxes(self, n: int) -> None:
@@ -664,7 +674,8 @@ class CniBridgePeer:
     name = "cni"
 
     def __init__(self, subnet: str = "10.232.0.0/16", plugin_dir: str = "/usr/lib/cni",
-                 cni_version: str = "1.0.0") -> None:
+                 cni_version: str = "1.0.0", second: bool = False) -> None:
+        self.second = second   # each namespace on a home network first (eth0); the measured one is eth1
         self.subnet = subnet
         self.plugin_dir = plugin_dir
         self.cni_version = cni_version
@@ -716,17 +727,24 @@ class CniBridgePeer:
         script = "".join(f"netns add {name}\n" for name in names)
         result = subprocess.run(["ip", "-batch", "-"], input=script, capture_output=True, text=True, timeout=600)
         created = [name for name in names if netns_exists(name)]
+        first = len(self.sandboxes)
         self.sandboxes.extend(created)
         if result.returncode != 0 or len(created) != len(names):
             raise PeerError(f"creating namespaces failed: {result.stderr.strip()}")
+        if self.second:
+            home = {**self.config, "name": self.config["name"] + "-home", "bridge": self.bridge[:12] + "h",
+                    "ipam": {**self.config["ipam"], "ranges": [[{"subnet": "10.235.0.0/16"}]],
+                             "dataDir": os.path.join(self.tmp, "ipam-home")}}
+            for i in range(first, len(self.sandboxes)):
+                self._exec("ADD", i, home, ifname="eth0")
 
-    def _exec(self, command: str, i: int, config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    def _exec(self, command: str, i: int, config: dict[str, Any], ifname: str | None = None) -> tuple[float, dict[str, Any]]:
         assert self.host_fd is not None
         env = {
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": f"{self.prefix}-c{i}",
             "CNI_NETNS": os.path.join(NETNS_DIR, self.sandboxes[i]),
-            "CNI_IFNAME": "eth0",
+            "CNI_IFNAME": ifname or ("eth1" if self.second else "eth0"),
             "CNI_PATH": self.plugin_dir,
             "PATH": SYSTEM_PATH,
         }

@@ -78,6 +78,7 @@ log = logging.getLogger("netd.driver.hostgw")
 class HostgwDriver(Leases, Routes, Driver):
     name = "hostgw"
     scope = GLOBAL
+    scopes = (GLOBAL,)
     known_options = frozenset({OPT_SUBNET_LEN, OPT_LEASE_TTL})
 
     def __init__(self, ctx: DriverContext):

@@ -75,6 +75,7 @@ SHIM_PREFIX = "mvh-"
 class MacvlanDriver(Driver):
     name = "macvlan"
     scope = LOCAL
+    scopes = (LOCAL, GLOBAL)
     known_options = frozenset({OPT_PARENT, OPT_MODE, OPT_HOST_ACCESS})
 
     def __init__(self, ctx: DriverContext):

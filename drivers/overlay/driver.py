@@ -61,6 +61,7 @@ class Sandbox:
 class OverlayDriver(Driver):
     name = "overlay"
     scope = "global"
+    scopes = ("global",)
     known_options = frozenset({OPT_VNI, OPT_MTU})
 
     def __init__(self, ctx: DriverContext):

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlparse
 
-from netd.api import views
+from netd.api import request, views
 from netd.api.errors import reported
 from netd.contract import API_VERSION, VERSION
 from netd.contract.errors import BadRequest, Internal, NotFound
-from netd.contract.model import PortBinding
+from netd.contract.model import PortBinding, parse_address
 from netd.core.controller import Controller
 from netd.core.ports import parse_port_proto
 from runtime import logs
@@ -36,6 +36,7 @@ def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
     regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
 
     def register(fn: Handler) -> Handler:
+        fn.route = pattern   # the key of its body's schema (netd.api.request)
         ROUTES.append((method, regex, fn))
         return fn
 
@@ -131,8 +132,13 @@ def network_disconnect(ctl: Controller, query, body, ref):
 def container_run(ctl: Controller, query, body):
     ports = []
     for spec in body.get("Ports") or []:
-        port, proto = parse_port_proto(f"{spec['ContainerPort']}/{spec.get('Proto', 'tcp')}")
-        ports.append(PortBinding(port, proto, spec.get("HostIp", ""), int(spec.get("HostPort") or 0)))
+        if spec.get("ContainerPort") is None:
+            raise BadRequest("Ports[]: ContainerPort is missing")
+        port, proto = parse_port_proto(f"{spec['ContainerPort']}/{spec.get('Proto') or 'tcp'}")
+        host_ip = spec.get("HostIp") or ""
+        if host_ip:
+            parse_address(host_ip, "host IP of a published port")
+        ports.append(PortBinding(port, proto, host_ip, int(spec.get("HostPort") or 0)))
     container = ctl.run(
         cmd=body.get("Cmd") or [],
         name=body.get("Name") or None,
@@ -250,7 +256,7 @@ def container_wait(ctl: Controller, query, body, ref):
 
 @route("POST", "/containers/{ref}/stop")
 def container_stop(ctl: Controller, query, body, ref):
-    ctl.stop(ref, float(query.get("t", 10)))
+    ctl.stop(ref, _seconds(query.get("t", "10"), "t"))
     return 204, None
 
 
@@ -310,6 +316,16 @@ def debug_trace(ctl: Controller, query, body):
                            proto=body.get("Proto") or "icmp", size=body.get("Size"), timeout=body.get("Timeout"))
 
 
+def _seconds(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise BadRequest(f"invalid {name} {text!r}: give seconds from 0 to 3600")
+    return value
+
+
 def _required(body: dict, field: str) -> str:
     value = body.get(field)
     if not value:
@@ -324,6 +340,7 @@ def dispatch(ctl: Controller, method: str, path: str, query: dict, body: dict) -
         match = regex.match(path)
         if match and route_method == method:
             params = {k: unquote(v) for k, v in match.groupdict().items()}
+            request.check(method, fn.route, body)
             result = fn(ctl, query, body, **params)
             if isinstance(result, tuple):
                 return result

@@ -119,7 +119,8 @@ class Hop:
 
 class Driver(abc.ABC):
     name: str = ""
-    scope: str = "local"
+    scope: str = "local"                 # the default scope of its networks
+    scopes: tuple[str, ...] = ("local",)  # the scopes it can make (--scope)
     # Options the driver understands (`-o KEY=VALUE`); others are refused with the list.
     known_options: frozenset[str] = frozenset()
     has_addresses: bool = True   # whether endpoints get IP addresses (host and null do not)

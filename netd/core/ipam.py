@@ -179,12 +179,14 @@ class IPAM:
             rng = parse_subnet(ip_range, "ip-range")
             if not rng.subnet_of(net):
                 raise BadRequest(f"ip-range {ip_range} is not inside subnet {net}")
+        if gw is None:
+            gw = str(net.network_address + 1)
         for name, address in aux.items():
             addr = parse_address(address, f"aux-address {name}")
             if addr not in net:
                 raise BadRequest(f"aux-address {name}={address} is not inside subnet {net}")
-        if gw is None:
-            gw = str(net.network_address + 1)
+            if str(addr) == gw:
+                raise BadRequest(f"aux-address {name}={address} is the network's gateway: choose another address")
         return Pool(network_id, network_name, str(net), gw, ip_range, aux, self.scope)
 
     def _choose_default(self, avoid: list[IPv4Network], default_pools) -> IPv4Network:

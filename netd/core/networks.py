@@ -75,6 +75,8 @@ class Networks:
             )
             impl.validate(network)
             store = self._store(scope)
+            if scope not in impl.scopes:   # e.g. a global bridge: other hosts would fail to build it
+                raise BadRequest(f"driver {driver} makes {impl.scope} networks only: drop --scope {scope}")
             with Undo(after_rollback=flush_retired) as undo:
                 store.create(NETWORK_NAMES + name, network.id)
                 undo.push(store.delete, NETWORK_NAMES + name)
