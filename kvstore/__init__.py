@@ -30,6 +30,7 @@ import json
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -367,10 +368,13 @@ class HttpClient:
     that etcd3gw uses, and failures raise requests' exceptions, which etcd3gw maps.
     """
 
-    def __init__(self, host: str, port: int, connect_timeout: float = 2.0, read_timeout: float = 5.0):
+    def __init__(self, host: str, port: int, connect_timeout: float = 2.0, read_timeout: float = 5.0,
+                 tls: ssl.SSLContext | None = None, headers: dict[str, str] | None = None):
         self.host, self.port = host, port
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.tls = tls
+        self.headers = headers if headers is not None else {}   # sent with every request (credentials)
         self._local = threading.local()
         # The breaker: after TIMEOUTS_TO_OPEN timeouts in a row the server is "not answering" for
         # QUIET seconds and calls fail at once, so that callers never pile up behind a frozen
@@ -394,7 +398,7 @@ class HttpClient:
         try:
             connection.sock.settimeout(timeout or self.read_timeout)
             headers = {"Content-Type": "application/json"} if body is not None else {}
-            connection.request(method, target, body=body, headers=headers)
+            connection.request(method, target, body=body, headers={**self.headers, **headers})
             sent = True
             reply = connection.getresponse()
             self._timeouts, self._quiet_until = 0, 0.0
@@ -420,7 +424,9 @@ class HttpClient:
             connection.close()
             connection = None
         if connection is None:
-            connection = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+            connection = (http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout, context=self.tls)
+                          if self.tls is not None else
+                          http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout))
             try:
                 connection.connect()
             except TimeoutError:
@@ -449,6 +455,8 @@ class HttpClient:
 
 def describe_failure(error: Exception) -> str:
     """A short, plain reason for a failed connection ("connection refused")."""
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake failed: {error.reason or error}".replace("_", " ").lower().replace("tls", "TLS")
     if isinstance(error, http.client.RemoteDisconnected):
         return "the connection closed without an answer"
     if isinstance(error, OSError) and error.strerror:
@@ -482,9 +490,12 @@ class HttpStream:
     """
 
     def __init__(self, host: str, port: int, connect_timeout: float = 2.0,
-                 read_timeout: float | None = None):
-        self._connection = http.client.HTTPConnection(host, port, timeout=connect_timeout)
+                 read_timeout: float | None = None, tls: ssl.SSLContext | None = None,
+                 headers: dict[str, str] | None = None):
+        self._connection = (http.client.HTTPSConnection(host, port, timeout=connect_timeout, context=tls)
+                            if tls is not None else http.client.HTTPConnection(host, port, timeout=connect_timeout))
         self._read_timeout = read_timeout
+        self.headers = headers if headers is not None else {}
         self._lock = threading.Lock()
         self.aborted = False
 
@@ -496,7 +507,7 @@ class HttpStream:
         if self._connection.sock is None:
             self._connect()
         headers = {"Content-Type": "application/json"} if body is not None else {}
-        self._connection.request(method, path, body=body, headers=headers)
+        self._connection.request(method, path, body=body, headers={**self.headers, **headers})
         return self._connection.getresponse()
 
     def _connect(self) -> None:

@@ -51,6 +51,7 @@ from kvstore import (
     check_ops,
     describe_failure,
 )
+from kvstore.security import StoreCredentials
 
 CONNECT_TIMEOUT = 2.0
 WATCH_WAIT = 30             # seconds a blocking query may wait for a change
@@ -61,12 +62,16 @@ class ConsulStore(KVStore):
     # /v1/txn takes 64 ops (128 in recent Consul versions), and a leased write takes two.
     max_commit_ops = 32
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0, min_session_ttl: float = 10.0):
+    def __init__(self, host: str, port: int, timeout: float = 5.0, min_session_ttl: float = 10.0,
+                 credentials: StoreCredentials | None = None):
         """`min_session_ttl`: Consul refuses TTLs under 10 s (a test double may allow less)."""
         self.url = f"consul://{host}:{port}"
         self.host, self.port = host, port
         self.min_session_ttl = min_session_ttl
-        self._http = HttpClient(host, port, min(CONNECT_TIMEOUT, timeout), timeout)
+        credentials = credentials or StoreCredentials()
+        self.tls = credentials.ssl_context()
+        self.headers = {"X-Consul-Token": credentials.token} if credentials.token else {}
+        self._http = HttpClient(host, port, min(CONNECT_TIMEOUT, timeout), timeout, tls=self.tls, headers=self.headers)
         self._sessions: dict[int, str] = {}     # lease id -> session ID, for the leases granted here
         self._listings: collections.OrderedDict[tuple[str, int], dict[str, KVPair]] = collections.OrderedDict()
         self._listings_lock = threading.Lock()
@@ -236,7 +241,8 @@ class _ConsulWatch(Watch):
         self._prefix = prefix
         self._start_revision = start_revision
         self._stream = HttpStream(store.host, store.port, CONNECT_TIMEOUT,
-                                  read_timeout=WATCH_WAIT * 17 / 16 + 5)   # Consul adds up to wait/16
+                                  read_timeout=WATCH_WAIT * 17 / 16 + 5,   # Consul adds up to wait/16
+                                  tls=store.tls, headers=store.headers)
         # Take the starting state now: by the time the caller iterates, the prefix may have
         # changed, and a change we did not see makes the start impossible to reconstruct.
         self._start: tuple[dict[str, KVPair], int] | Exception

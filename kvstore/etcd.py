@@ -42,6 +42,7 @@ from kvstore import (
     check_ops,
     describe_failure,
 )
+from kvstore.security import StoreCredentials
 
 CONNECT_TIMEOUT = 2.0
 LIST_PAGE = 5000            # keys per range request when listing a prefix
@@ -50,12 +51,32 @@ LIST_PAGE = 5000            # keys per range request when listing a prefix
 class EtcdStore(KVStore):
     max_commit_ops = 128    # etcd's default --max-txn-ops
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0):
+    def __init__(self, host: str, port: int, timeout: float = 5.0, credentials: StoreCredentials | None = None):
         self.url = f"etcd://{host}:{port}"
         self.host, self.port = host, port
-        self._http = HttpClient(host, port, min(CONNECT_TIMEOUT, timeout), timeout)
-        self._client = Etcd3Client(host, port, timeout=timeout, api_path="/v3/", session=self._http)
+        self.credentials = credentials or StoreCredentials()
+        self.tls = self.credentials.ssl_context()
+        self.headers: dict[str, str] = {}      # the auth token, shared with the watches' connections
+        self._http = HttpClient(host, port, min(CONNECT_TIMEOUT, timeout), timeout, tls=self.tls, headers=self.headers)
+        self._client = Etcd3Client(host, port, protocol="https" if self.tls else "http", timeout=timeout,
+                                   api_path="/v3/", session=self._http)
         self._check_is_etcd()
+        if self.credentials.username:
+            self._authenticate()
+
+    def _authenticate(self) -> None:
+        """etcd's authentication: a token for the user, sent with every request; taken again when
+        etcd says it expired."""
+        self.headers.pop("Authorization", None)
+        try:
+            reply = self._client.post(self._client.get_url("/auth/authenticate"),
+                                      json={"name": self.credentials.username, "password": self.credentials.password})
+        except (ConnectionFailedError, ConnectionTimeoutError) as error:
+            raise StoreError(f"cannot reach etcd at {self.host}:{self.port}: {_gateway_message(error)}") from None
+        except Etcd3Exception as error:
+            raise StoreError(f"etcd at {self.host}:{self.port} refused user {self.credentials.username!r}: "
+                             f"{_gateway_message(error)}") from None
+        self.headers["Authorization"] = reply["token"]
 
     def _check_is_etcd(self) -> None:
         """Fail now, clearly, if nothing answers there or what answers is not etcd."""
@@ -147,7 +168,13 @@ class EtcdStore(KVStore):
     def _post(self, path: str, request: dict[str, Any], lease_id: int = 0) -> dict[str, Any]:
         """POST to the gateway, turning every failure into StoreError (LeaseExpired for a lost lease)."""
         try:
-            return self._client.post(self._client.get_url(path), json=request)
+            try:
+                return self._client.post(self._client.get_url(path), json=request)
+            except Etcd3Exception as error:
+                if not (self.credentials.username and "token" in _gateway_message(error).lower()):
+                    raise
+                self._authenticate()   # the token expired (etcd's --auth-token-ttl): once more with a new one
+                return self._client.post(self._client.get_url(path), json=request)
         except (ConnectionFailedError, ConnectionTimeoutError) as error:
             raise StoreError(f"cannot reach etcd at {self.host}:{self.port}: {_gateway_message(error)}") from None
         except Etcd3Exception as error:
@@ -188,7 +215,7 @@ class _EtcdWatch(Watch):
         self._store = store
         self._prefix = prefix
         self._start_revision = start_revision
-        self._stream = HttpStream(store.host, store.port, CONNECT_TIMEOUT)
+        self._stream = HttpStream(store.host, store.port, CONNECT_TIMEOUT, tls=store.tls, headers=store.headers)
 
     def cancel(self) -> None:
         self._stream.abort()

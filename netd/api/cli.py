@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--store", help="local store URL (default: sqlite file in the data dir)")
     daemon.add_argument("--cluster-store", help="cluster store: etcd://HOST:PORT or consul://HOST:PORT")
     daemon.add_argument("--cluster-advertise", help="this host's underlay IP address, as peers reach it")
+    daemon.add_argument("--cluster-store-opt", action="append", metavar="KEY=VALUE",
+                        help="TLS and credentials for the cluster store: kv.cacertfile, kv.certfile, kv.keyfile, "
+                             "kv.username, kv.password (etcd), kv.token (Consul)")
     daemon.add_argument("--run-dir", default=None, help="runtime state: socket, namespaces (default /run/netd)")
     daemon.add_argument("--data-dir", default=None, help="persistent state: store, logs (default /var/lib/netd)")
     daemon.add_argument("--config-file", default="/etc/netd/daemon.json", help="daemon.json settings (default %(default)s)")

@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netd.api.errors import KNOWN, reported
 from netd.contract.errors import BadRequest, NetdError
@@ -35,6 +35,7 @@ class Settings:
     store: str | None = None
     cluster_store: str | None = None
     cluster_advertise: str | None = None
+    cluster_store_opts: dict = field(default_factory=dict)   # kv.cacertfile, kv.certfile, ... (Docker's)
     host_ttl: float = 15.0
     reclaim_after: float = 3600.0   # a restart or a short partition never triggers it; `netd host rm` for a host gone for good
     debug: bool = False
@@ -55,17 +56,24 @@ def load_settings(args) -> Settings:
         except (OSError, ValueError) as e:
             raise BadRequest(f"cannot read {path}: {e}") from None
         known = {"run-dir", "data-dir", "store", "cluster-store", "cluster-advertise", "host-ttl", "reclaim-after",
-                 "debug"}
+                 "debug", "cluster-store-opts"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise BadRequest(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
         for key, value in data.items():
             setattr(settings, key.replace("-", "_"), value)
-    for field in ("run_dir", "data_dir", "store", "cluster_store", "cluster_advertise", "host_ttl", "reclaim_after"):
-        value = getattr(args, field, None)
+    for name in ("run_dir", "data_dir", "store", "cluster_store", "cluster_advertise", "host_ttl", "reclaim_after"):
+        value = getattr(args, name, None)
         if value is not None:
-            setattr(settings, field, value)
+            setattr(settings, name, value)
     settings.debug = settings.debug or bool(getattr(args, "debug", False))
+    if not isinstance(settings.cluster_store_opts, dict):
+        raise BadRequest("cluster-store-opts must be an object of KEY: VALUE (e.g. \"kv.cacertfile\": \"/path\")")
+    for option in getattr(args, "cluster_store_opt", None) or []:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise BadRequest(f"--cluster-store-opt {option!r}: give KEY=VALUE, e.g. kv.cacertfile=/etc/netd/ca.pem")
+        settings.cluster_store_opts[key] = value
     if settings.cluster_advertise and not settings.cluster_store:
         raise BadRequest("--cluster-advertise needs --cluster-store")
     if settings.cluster_store and not settings.cluster_advertise:
@@ -152,6 +160,7 @@ class Daemon:
 
     def start(self) -> None:
         from kvstore import open_store
+        from kvstore.security import StoreCredentials
         from netd.api.server import ApiServer
         from netd.contract.driverapi import HostInfo
         from netd.core.controller import Controller
@@ -171,7 +180,8 @@ class Daemon:
         host = HostInfo(id=host_identity(s.data_dir), name=socket.gethostname(), address=s.cluster_advertise or "")
 
         # The cluster store first: if it cannot be reached, say so before touching anything.
-        self.cluster_store = open_store(s.cluster_store) if s.cluster_store else None
+        credentials = StoreCredentials.from_options(s.cluster_store_opts)
+        self.cluster_store = open_store(s.cluster_store, credentials=credentials) if s.cluster_store else None
         if self.cluster_store is not None:
             self.cluster_store.revision()
         self.local_store = open_store(s.store or f"sqlite://{os.path.join(s.data_dir, 'netd.db')}")

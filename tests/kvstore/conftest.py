@@ -24,6 +24,8 @@ import pytest
 
 from kvstore import Event, KVStore, StoreError, Watch, open_store
 from kvstore.embedded import EmbeddedStore
+from kvstore.security import StoreCredentials
+from tests.support.certs import make_certificates
 from tests.support.etcd_server import EtcdServer
 from tests.support.fake_consul import FakeConsul
 
@@ -51,7 +53,7 @@ class Backend:
 
     def compact(self, revision: int) -> None:
         """Make the history before `revision` unavailable to watches."""
-        if self.name in ("embedded", "etcd"):
+        if self.name in ("embedded", "etcd", "etcd-tls"):
             self.store.compact(revision)
         # Consul keeps no history at all: nothing to do.
 
@@ -70,6 +72,18 @@ def etcd_server() -> Iterator[EtcdServer]:
 
 
 @pytest.fixture(scope="session")
+def etcd_tls_server(tmp_path_factory) -> Iterator[EtcdServer]:
+    """etcd with client TLS (--client-cert-auth: a client certificate of its CA or nothing)."""
+    certs = make_certificates(str(tmp_path_factory.mktemp("certs")))
+    with EtcdServer(certs=certs) as server:
+        yield server
+
+
+def tls_options(server: EtcdServer) -> dict:
+    return {"credentials": StoreCredentials.from_options(server.certs.options())}
+
+
+@pytest.fixture(scope="session")
 def consul_address() -> Iterator[tuple[str, int, float]]:
     """(host, port, minimum session TTL) of the agent, or of a test double."""
     if REAL_CONSUL:
@@ -84,7 +98,7 @@ def _unique_prefix() -> str:
     return f"test/{uuid.uuid4().hex[:10]}/"
 
 
-@pytest.fixture(params=["embedded", "etcd", "consul"])
+@pytest.fixture(params=["embedded", "etcd", "etcd-tls", "consul"])
 def backend(request, tmp_path) -> Iterator[Backend]:
     backend = _make_backend(request.param, request, tmp_path)
     yield backend
@@ -99,6 +113,11 @@ def _make_backend(name: str, request, tmp_path) -> Backend:
     if name == "etcd":
         server = request.getfixturevalue("etcd_server")
         return Backend(name, open_store(server.url), prefix, 1.0, True, lambda: open_store(server.url), server)
+    if name == "etcd-tls":   # the same suite over TLS, with a client certificate and a password
+        server = request.getfixturevalue("etcd_tls_server")
+        options = tls_options(server)
+        return Backend(name, open_store(server.url, **options), prefix, 1.0, True,
+                       lambda: open_store(server.url, **options), server)
     host, port, min_ttl = request.getfixturevalue("consul_address")
 
     def connect() -> KVStore:

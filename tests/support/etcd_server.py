@@ -41,7 +41,11 @@ def _die_with_parent() -> None:
 
 
 class EtcdServer:
-    def __init__(self, start_timeout: float = 20.0):
+    def __init__(self, start_timeout: float = 20.0, certs=None, password: str | None = None):
+        """`certs` (tests.support.certs.Certificates): clients must come with TLS and a certificate
+        of its CA (--client-cert-auth). `password`: etcd's authentication on, user root with it."""
+        self.certs = certs
+        self.password = password
         self.client_port = free_port()
         self.peer_port = free_port()
         # tmpfs when there is one: etcd fsyncs every commit, and the tests measure logic, not disks.
@@ -55,6 +59,25 @@ class EtcdServer:
         return f"etcd://127.0.0.1:{self.client_port}"
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.certs else "http"
+
+    def _context(self):
+        if not self.certs:
+            return None
+        import ssl
+
+        context = ssl.create_default_context(cafile=self.certs.ca)
+        context.load_cert_chain(*self.certs.client)
+        return context
+
+    def _call(self, path: str, body: dict, token: str | None = None) -> dict:
+        request = urllib.request.Request(f"{self.scheme}://127.0.0.1:{self.client_port}{path}",
+                                         json.dumps(body).encode(), headers={"Authorization": token} if token else {})
+        with urllib.request.urlopen(request, timeout=5, context=self._context()) as reply:
+            return json.load(reply)
+
+    @property
     def log_path(self) -> str:
         return os.path.join(self.data_root, "etcd.log")
 
@@ -62,7 +85,7 @@ class EtcdServer:
         """Start etcd (again, on the same data and ports) and wait until it answers."""
         if self.process is not None:
             return self
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{self.scheme}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         command = [
             ETCD, "--name", "netd-test", "--data-dir", os.path.join(self.data_root, "data"),
@@ -73,11 +96,20 @@ class EtcdServer:
             "--heartbeat-interval", "25", "--election-timeout", "250",
             "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
         ]
+        if self.certs:
+            cert, key = self.certs.server
+            command += ["--client-cert-auth", "--trusted-ca-file", self.certs.ca, "--cert-file", cert, "--key-file", key]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                             preexec_fn=_die_with_parent)
         _running.add(self)
         self._wait_until_ready()
+        if self.password and not getattr(self, "_auth_on", False):
+            self._call("/v3/auth/user/add", {"name": "root", "password": self.password})
+            self._call("/v3/auth/role/add", {"name": "root"})
+            self._call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+            self._call("/v3/auth/enable", {})
+            self._auth_on = True
         return self
 
     def _wait_until_ready(self) -> None:
@@ -86,7 +118,8 @@ class EtcdServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.process.returncode}: {self._log_tail()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port}/health", timeout=1) as reply:
+                with urllib.request.urlopen(f"{self.scheme}://127.0.0.1:{self.client_port}/health", timeout=1,
+                                            context=self._context()) as reply:
                     if json.load(reply).get("health") == "true":
                         return
             except OSError:

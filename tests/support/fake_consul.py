@@ -75,6 +75,7 @@ class FakeConsul:
         self._serving = False
         self._closed = False
         self._server: ThreadingHTTPServer | None = None
+        self.tokens: set[str] = set()           # the X-Consul-Token values clients sent (ACL tokens)
         self._connections: set[socket.socket] = set()
         self.port = 0
         self.start()
@@ -396,6 +397,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = {name: values[-1] for name, values in parse_qs(url.query, keep_blank_values=True).items()}
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         consul = self.consul
+        consul.tokens.add(self.headers.get("X-Consul-Token") or "")
         try:
             path = url.path
             if path == "/v1/status/leader" and method == "GET":

@@ -186,9 +186,10 @@ def _netns_files(directory: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def clustered_host(prefix: str = "netdt"):
+def clustered_host(prefix: str = "netdt", certs=None):
     """A NetdHost whose daemon uses a real etcd, run inside the host's namespace (where the daemon
-    reaches it on 127.0.0.1): (host, the store's URL). Both removed on exit."""
+    reaches it on 127.0.0.1): (host, the store's URL). Both removed on exit. With `certs`
+    (tests.support.certs), etcd wants client TLS and the daemon is given its certificates."""
     from runtime.namespaces import entered_netns
     from tests.support.etcd_server import EtcdServer
 
@@ -197,9 +198,11 @@ def clustered_host(prefix: str = "netdt"):
     try:
         host.create_namespaces()
         with entered_netns(f"/run/netns/{host.name}"):
-            etcd = EtcdServer()
+            etcd = EtcdServer(certs=certs)
         url = f"etcd://127.0.0.1:{etcd.client_port}"
         host.daemon_args = ["--cluster-store", url, "--cluster-advertise", UPLINK_HOST]
+        if certs is not None:
+            host.daemon_args += [a for k, v in certs.options().items() for a in ("--cluster-store-opt", f"{k}={v}")]
         host.start()
         host.etcd = etcd        # for tests that freeze it (SIGSTOP) or stop it
         yield host, url
