@@ -62,6 +62,7 @@ class OverlayDriver(Driver):
     name = "overlay"
     scope = "global"
     scopes = ("global",)
+    underlay_udp_ports = (VXLAN_PORT,)
     known_options = frozenset({OPT_VNI, OPT_MTU})
 
     def __init__(self, ctx: DriverContext):

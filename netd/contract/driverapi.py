@@ -127,6 +127,8 @@ class Driver(abc.ABC):
     supports_ports: bool = False
     # The network is a choice of namespace, nothing to plumb (host, null): one built-in network
     # of it, chosen at `run` only, no ports, no --ip, no interface.
+    # UDP ports its hosts exchange traffic on (the overlay's VXLAN): accepted only from live members.
+    underlay_udp_ports: tuple[int, ...] = ()
     namespace_mode: bool = False
     uses_host_namespace: bool = False   # the container runs in the host's namespace (host)
 

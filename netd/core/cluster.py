@@ -47,6 +47,9 @@ class ClusterListener:
     def host_reclaimed(self, address: str) -> None:
         """A dead host's endpoints are gone: free what drivers held for that host."""
 
+    def members_changed(self, addresses: list[str]) -> None:
+        """The live members' underlay addresses changed (this host's included)."""
+
 
 class Cluster:
     def __init__(self, store: KVStore, host: HostInfo, listener: ClusterListener,
@@ -209,6 +212,7 @@ class Cluster:
             self._reclaimed.discard(address)
         log.info("host %s is alive", address)
         self._refresh_peers(host=address)
+        self._tell_members()
 
     def _host_deleted(self, pair: KVPair) -> None:
         address = pair.key[len(HOSTS):]
@@ -221,6 +225,17 @@ class Cluster:
             self._missing_since.setdefault(address, time.monotonic())
         log.warning("host %s stopped renewing its lease: its endpoints stop counting as peers", address)
         self._refresh_peers(host=address)
+        self._tell_members()
+
+    def members(self) -> list[str]:
+        """Underlay addresses of the live members, this host's included."""
+        return sorted({key[len(HOSTS):] for key in self.hosts.items()} | {self.address}, key=_address_key)
+
+    def _tell_members(self) -> None:
+        try:
+            self.listener.members_changed(self.members())
+        except Exception:  # noqa: BLE001 - the mirror's thread goes on
+            log.exception("could not update the VXLAN members")
 
     # --- peers ------------------------------------------------------------------------------
 

@@ -79,6 +79,12 @@ class ClusterEvents:
             except StoreError as e:
                 log.warning("could not check this host's addresses in the cluster store: %s", e)
 
+    def members_changed(self, addresses: list[str]) -> None:
+        """VXLAN (and any driver's underlay UDP port) only from live members: netd's table drops
+        the rest, counted (netd.kernel.firewall vxlan_guard)."""
+        ports = sorted({p for d in self.drivers.values() for p in d.underlay_udp_ports})
+        self.firewall.set_vxlan_guard(ports, addresses)
+
     def reclaim_endpoint(self, endpoint: Endpoint) -> None:
         network = self.networks.get(endpoint.network_id)
         if network is None:

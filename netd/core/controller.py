@@ -115,6 +115,7 @@ class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEv
         if self.cluster is not None:
             # Outside the lock: the cluster's mirrors call back into the controller as they load.
             self.cluster.start()
+            self.members_changed(self.cluster.members())
         with self.lock:
             if self.cluster is not None:
                 in_cluster = set()
@@ -228,6 +229,7 @@ class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEv
                 f"{h.get('Address')} ({h.get('Name')}): {'alive' if h['Alive'] else 'dead'}" for h in hosts
             ]
             info["Health"] = self.cluster.health()
+            info["VXLANRefused"] = self.firewall.vxlan_refused()
         if self.info_extra is not None:
             info.update(self.info_extra())
         return info

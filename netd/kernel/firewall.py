@@ -196,6 +196,30 @@ class Firewall(DockerUser):
             self._sync_docker_user(full=True)
             return self.report
 
+    def set_vxlan_guard(self, ports: list[int], members: list[str]) -> None:
+        """Accept VXLAN (UDP `ports`) only from `members` (underlay addresses of live hosts);
+        no ports: the guard is off."""
+        for address in members:
+            ipaddress.IPv4Address(address)
+        t = self.table
+        commands = [f"flush set ip {t} vxlan_ports", f"flush set ip {t} vxlan_members"]
+        if ports:
+            commands.append(f"add element ip {t} vxlan_ports {{ {', '.join(str(_check_port(p, 'VXLAN port')) for p in ports)} }}")
+        if members:
+            commands.append(f"add element ip {t} vxlan_members {{ {', '.join(sorted(set(members)))} }}")
+        with self._lock:
+            self._run_text("\n".join(commands) + "\n")
+
+    def vxlan_refused(self) -> int:
+        """Packets to the overlay's port from non-members, dropped so far."""
+        with self._lock:
+            items = self._list(f"chain ip {self.table} vxlan_guard") or []
+        for item in items:
+            for expression in item.get("rule", {}).get("expr", []):
+                if "counter" in expression:
+                    return int(expression["counter"].get("packets", 0))
+        return 0
+
     def teardown(self) -> None:
         """Remove netd's table and netd's DOCKER-USER rules; nothing else."""
         with self._lock:

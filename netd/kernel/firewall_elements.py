@@ -44,12 +44,16 @@ add chain ip {t} output {{ type nat hook output priority -100; policy accept; }}
 add chain ip {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
 add chain ip {t} forward {{ type filter hook forward priority filter; policy accept; }}
 add chain ip {t} localnet_guard {{ type filter hook prerouting priority raw; policy accept; }}
+add set ip {t} vxlan_ports {{ type inet_service; }}
+add set ip {t} vxlan_members {{ type ipv4_addr; }}
+add chain ip {t} vxlan_guard {{ type filter hook input priority filter; policy accept; }}
 flush chain ip {t} published_ports
 flush chain ip {t} prerouting
 flush chain ip {t} output
 flush chain ip {t} postrouting
 flush chain ip {t} forward
 flush chain ip {t} localnet_guard
+flush chain ip {t} vxlan_guard
 add rule ip {t} published_ports dnat ip to ip daddr . meta l4proto . th dport map @ports_on_address
 add rule ip {t} published_ports dnat ip to meta l4proto . th dport map @ports_on_any_address
 add rule ip {t} prerouting fib daddr type local jump published_ports
@@ -67,6 +71,7 @@ add rule ip {t} forward oifname @bridges ct status dnat accept
 add rule ip {t} forward iifname != @bridges oifname . ip saddr @routed accept
 add rule ip {t} forward oifname @bridges drop
 add rule ip {t} localnet_guard iifname @bridges ip daddr 127.0.0.0/8 drop
+add rule ip {t} vxlan_guard udp dport @vxlan_ports ip saddr != @vxlan_members counter drop
 """
 # Why each rule is there:
 # - published_ports: reached only for packets to one of the host's own addresses (Docker:
@@ -92,6 +97,9 @@ add rule ip {t} localnet_guard iifname @bridges ip daddr 127.0.0.0/8 drop
 #   hosts, routed here by their hosts, and nobody else (not other bridges, not the hosts themselves).
 #   @routed is the one interval set: it holds one element per hostgw network on this host, so
 #   libnftables' per-call cache of interval elements stays tiny.
+# - vxlan_guard: the overlay's UDP port (@vxlan_ports, empty until a cluster member turns the
+#   guard on, so other programs' VXLAN is never touched) only from the underlay addresses of live
+#   members (@vxlan_members); the rest is counted and dropped before it reaches a vxlan device.
 # - localnet_guard: route_localnet would also let a container send to the host's 127.0.0.1
 #   services through its bridge (CVE-2020-8558): drop that before conntrack and NAT (priority
 #   raw). Replies of masqueraded 127.0.0.1 connections still carry the bridge address there.
