@@ -89,6 +89,7 @@ class HostgwDriver(Leases, Routes, Driver):
         self._peers: dict[str, dict[str, Peer]] = {}    # network id -> peer subnet -> route state
         self._said: dict[tuple[str, str], str] = {}     # (network id, peer subnet) -> last state logged
         self._routed: set[tuple[str, str]] = set()      # (network id, peer subnet) routed here before
+        self._refused: set[tuple[str, str, str]] = set()   # leases not routed, and why (logged once)
         self._last_subnet: dict[str, IPv4Network] = {}  # network id -> the part this host held last
         self._wake = threading.Event()
         self._stopping = threading.Event()

@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -88,6 +88,7 @@ class Routes:
         network = part.network
         leases = self._leases(network.id, pairs)
         own = leases.get(part.subnet)
+        leases = self._routable(network, part, leases)
         if part.lost or own is None or own[1].get("PublicIP") != self.ctx.host.address:
             self._retake(part, own)
         self._check_bridge(part)
@@ -117,6 +118,38 @@ class Routes:
         with self._lock:
             self._peers[network.id] = peers
         return wanted
+
+    def _routable(self, network: Network, part: Part, leases: dict) -> dict:
+        """The leases this host may route: store content is data, not orders. A lease must be a
+        part of the network's subnet of its size, overlap no other lease, cover no route of this
+        host, and name a live member's address; the rest is logged (once) and skipped."""
+        whole, length = IPv4Network(network.ipam.subnet), self.subnet_len(network)
+        members = set(self.ctx.members()) if self.ctx.members is not None else None
+        host_routes = self._foreign_routes(part.bridge)
+        ok = {}
+        for subnet, (pair, info) in leases.items():
+            if subnet == part.subnet:
+                ok[subnet] = (pair, info)
+                continue
+            address = str(info.get("PublicIP", ""))
+            why = ""
+            if not subnet.subnet_of(whole) or subnet.prefixlen != length:
+                why = f"it is not a /{length} part of {whole}"
+            elif any(subnet.overlaps(other) for other in leases if other != subnet):
+                why = "it overlaps another lease"
+            elif any(subnet.overlaps(route) for route in host_routes):
+                why = "it covers a route of this host"
+            elif not _is_ipv4(address):
+                why = f"its PublicIP {address!r} is not an IPv4 address"
+            elif members is not None and address not in members:
+                why = f"{address} is not a live member of the cluster"
+            if why:
+                if (network.id, str(subnet), why) not in self._refused:
+                    self._refused.add((network.id, str(subnet), why))
+                    log.warning("hostgw network %s: ignoring the lease of %s: %s", network.name, subnet, why)
+                continue
+            ok[subnet] = (pair, info)
+        return ok
 
     def _retake(self, part: Part, own: tuple[KVPair, dict] | None) -> None:
         """This host's lease is missing from the store (it lapsed, or was deleted): take it again."""
@@ -210,3 +243,11 @@ def _ifname(ipr, index: int) -> str:
     with contextlib.suppress(NetlinkError, IndexError):
         return ipr.link("get", index=index)[0].get_attr("IFLA_IFNAME")
     return f"interface {index}"
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        IPv4Address(text)
+        return True
+    except ValueError:
+        return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvstore import KVStore
@@ -82,6 +83,9 @@ class DriverContext:
     run_dir: str
     lock: threading.RLock        # the controller's lock: hold it when changing shared state from a thread
     addresses: AddressBook | None = None
+    # The underlay addresses of the cluster's live members (None: no cluster): peers are
+    # programmed only for them, whatever the store says.
+    members: Callable[[], list[str]] | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("netd.driver"))
 
 

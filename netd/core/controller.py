@@ -100,7 +100,11 @@ class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEv
         folder = driver_folder(name)
         return DriverContext(self.host, PrefixedStore(self.local_store, folder),
                              PrefixedStore(self.cluster_store, folder) if self.cluster_store is not None else None,
-                             self.firewall, self.paths.run_dir, self.lock, addresses=IpamAddressBook(self.ipam))
+                             self.firewall, self.paths.run_dir, self.lock, addresses=IpamAddressBook(self.ipam),
+                             members=self._members if self.cluster_store is not None else None)
+
+    def _members(self) -> list[str]:
+        return self.cluster.members() if self.cluster is not None else [self.host.key]
 
     # --- start-up and shutdown --------------------------------------------------------------
 

@@ -152,6 +152,8 @@ def test_a_part_per_host_routes_to_peers_kept_and_dropped_with_their_leases(clus
         # two peers: one on the uplink's segment, one behind the uplink's router
         near = {"PublicIP": "203.0.113.77", "Host": "near"}
         far = {"PublicIP": "192.0.2.50", "Host": "far"}
+        for peer in (near, far):   # live members, as their daemons would register them
+            store.create(f"netd/hosts/{peer['PublicIP']}", json.dumps({"Name": peer["Host"], "ID": peer["Host"]}), lease)
         store.create(f"{LEASES}{net_id}/10.244.77.0-24", json.dumps(near), lease)
         store.create(f"{LEASES}{net_id}/10.244.78.0-24", json.dumps(far), lease)
         route = "10.244.77.0/24 via 203.0.113.77 dev uplink proto 110"
@@ -207,3 +209,37 @@ def test_a_restarted_daemon_keeps_its_part_and_its_containers(cluster, network):
         assert "File exists" not in log and "could not restore" not in log, log
     finally:
         host.cli("rm", "-f", name, peer, check=False)
+
+
+def test_leases_are_data_not_orders(cluster, network):
+    """Leases that lie outside the subnet, overlap, cover a route of this host, or name a host that
+    is not a live member are logged and skipped; no route is made for them."""
+    host, store = cluster
+    a = unique("a")
+    net_id = json.loads(host.netd("network", "inspect", network))[0]["Id"]
+    lease = store.grant_lease(60)
+    member = {"PublicIP": "203.0.113.81", "Host": "member"}
+    stranger = {"PublicIP": "203.0.113.82", "Host": "stranger"}
+    try:
+        host.netd("run", "-d", "--name", a, "--network", network, "sleep", "1000")
+        host.sh("ip route add 10.244.90.0/24 dev uplink")       # a route this host has of its own
+        store.create(f"netd/hosts/{member['PublicIP']}", json.dumps({"Name": "member", "ID": "m"}), lease)
+        bad = {"10.250.1.0-24": member,        # outside 10.244.0.0/16
+               "10.244.80.0-23": member,       # not a /24 part
+               "10.244.90.0-24": member,       # covers a route of this host
+               "10.244.91.0-24": stranger}     # not a live member
+        for key, value in bad.items():
+            store.create(f"{LEASES}{net_id}/{key}", json.dumps(value), lease)
+        store.create(f"{LEASES}{net_id}/10.244.92.0-24", json.dumps(member), lease)   # a good one, as a witness
+        assert wait_until(lambda: "10.244.92.0/24 via 203.0.113.81" in host.sh("ip route").stdout)
+        routes = host.sh("ip route").stdout
+        for subnet in ("10.250.1.0/24", "10.244.80.0/23", "10.244.91.0/24"):
+            assert subnet not in routes, routes
+        assert "10.244.90.0/24 via" not in routes, routes
+        log = host.log_tail(200)
+        for why in ("is not a /24 part of", "covers a route of this host", "203.0.113.82 is not a live member"):
+            assert why in log, log
+    finally:
+        host.sh("ip route del 10.244.90.0/24", check=False)
+        host.cli("rm", "-f", a, check=False)
+        lease.revoke()
