@@ -232,6 +232,7 @@ class Daemon:
             "ClusterStore": s.cluster_store or "",
             "ClusterAdvertise": s.cluster_advertise or "",
             "Firewall": self.firewall_report.summary(),
+            "SocketAccess": self.server.access if self.server is not None else "",
         }
 
     def serve(self) -> None:

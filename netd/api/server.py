@@ -430,6 +430,8 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         gid = _group_id(group)
         if gid is not None:
             os.chown(path, 0, gid)
+        # Who may drive the daemon (as root): `netd info` says it.
+        self.access = f"root and group {group} (mode 0660)" if gid is not None else "root only (mode 0660, no group netd)"
 
     def server_close(self) -> None:
         super().server_close()

@@ -61,3 +61,9 @@ def test_the_daemons_files_are_private(host):
     log = os.path.join(host.data_dir, "containers", container, "container.log")
     assert stat.S_IMODE(os.stat(log).st_mode) & 0o077 == 0
     host.netd("rm", "-f", "logmode")
+
+
+def test_info_says_who_may_use_the_socket(host):
+    info = __import__("json").loads(host.netd("info", "--format", "json"))
+    assert info["SocketAccess"].startswith("root"), info
+    assert stat.S_IMODE(os.stat(host.socket).st_mode) == 0o660
