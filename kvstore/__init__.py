@@ -336,6 +336,33 @@ class LeaseKeeper:
 
 # --- for backends ---------------------------------------------------------------------------
 
+def resolve_unanswered_commit(store: KVStore, ops: list[Op], error: StoreError,
+                              attempts: int = 10, interval: float = 0.5) -> int:
+    """A commit whose answer never came (a timeout after it was sent) may have happened. Read back
+    who owns its keys: every Create/Update key holding exactly the value written (the values netd
+    writes name their owner) and every Delete gone means it committed; the store's revision is
+    returned. Anything else means it did not: `error` is raised, and retrying is safe. While the
+    store does not answer, try again a few times; then the outcome is unknown: `error` is raised."""
+    writes = [op for op in ops if not isinstance(op, Check)]
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(interval)
+        try:
+            for op in writes:
+                pair = store.get(op.key)
+                if isinstance(op, Delete) and pair is not None:
+                    raise error
+                if isinstance(op, (Create, Update)) and (pair is None or pair.value != op.value):
+                    raise error
+            log.warning("a commit answered late was applied (read back): %s", ", ".join(op.key for op in writes[:3]))
+            return store.revision()
+        except StoreError as again:
+            if again is error:
+                raise
+            continue
+    raise error
+
+
 def check_ops(ops: list[Op]) -> None:
     """Reject what no backend can do atomically: two ops on one key in one commit."""
     keys = [op.key for op in ops]

@@ -46,6 +46,7 @@ from kvstore import (
     LeaseExpired,
     Op,
     StoreError,
+    Update,
     VersionConflict,
     Watch,
     check_ops,
@@ -143,8 +144,20 @@ class ConsulStore(KVStore):
             return [{"Verb": "cas", "Key": op.key, "Value": _encode(op.value), "Index": version}]
         check = ({"Verb": "check-not-exists", "Key": op.key} if isinstance(op, Create)
                  else {"Verb": "check-index", "Key": op.key, "Index": version})
-        return [check, {"Verb": "lock", "Key": op.key, "Value": _encode(op.value),
-                        "Session": self._session(op.lease)}]
+        session = self._session(op.lease)
+        release = []
+        if isinstance(op, Update):
+            # The key may still be locked by the session of an earlier lease (a daemon restarted
+            # within its TTL takes its host key over): the caller saw this very version, so it
+            # moves the key to the new session, in the same txn as the check.
+            holder = self._holder(op.key)
+            if holder and holder != session:
+                release = [{"Verb": "unlock", "Key": op.key, "Session": holder}]
+        return [check, *release, {"Verb": "lock", "Key": op.key, "Value": _encode(op.value), "Session": session}]
+
+    def _holder(self, key: str) -> str | None:
+        reply = self._request("GET", f"/v1/kv/{quote(key)}", ok=(200, 404))
+        return reply.json()[0].get("Session") if reply.status_code == 200 else None
 
     def _txn(self, operations: list[dict[str, Any]], sources: list[Op]) -> int:
         """Run a txn; `sources[i]` is our op behind `operations[i]`, to name a failure."""

@@ -41,6 +41,7 @@ from kvstore import (
     Watch,
     check_ops,
     describe_failure,
+    resolve_unanswered_commit,
 )
 from kvstore.security import StoreCredentials
 
@@ -133,12 +134,19 @@ class EtcdStore(KVStore):
         check_ops(ops)
         guarded = [op for op in ops if _compare(op)]
         leases = [op.lease for op in ops if getattr(op, "lease", 0)]
-        reply = self._post("/kv/txn", {
-            "compare": [_compare(op) for op in guarded],
-            "success": [_write(op) for op in ops if not isinstance(op, Check)],
-            # On failure, read back every guarded key to tell which compare failed.
-            "failure": [{"request_range": {"key": _encode(op.key)}} for op in guarded],
-        }, lease_id=leases[0] if leases else 0)
+        try:
+            reply = self._post("/kv/txn", {
+                "compare": [_compare(op) for op in guarded],
+                "success": [_write(op) for op in ops if not isinstance(op, Check)],
+                # On failure, read back every guarded key to tell which compare failed.
+                "failure": [{"request_range": {"key": _encode(op.key)}} for op in guarded],
+            }, lease_id=leases[0] if leases else 0)
+        except LeaseExpired:
+            raise
+        except StoreError as error:
+            if "timed out" not in str(error):
+                raise
+            return resolve_unanswered_commit(self, ops, error)
         if not reply.get("succeeded"):
             _raise_failed_compare(guarded, reply.get("responses", []))
         return _header_revision(reply)
