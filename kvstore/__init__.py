@@ -336,20 +336,21 @@ class LeaseKeeper:
 
 # --- for backends ---------------------------------------------------------------------------
 
-def resolve_unanswered_commit(store: KVStore, ops: list[Op], error: StoreError,
-                              attempts: int = 10, interval: float = 0.5) -> int:
+def resolve_unanswered_commit(store: KVStore, ops: list[Op], error: StoreError, attempts: int = 3,
+                              interval: float = 0.5, get: Callable[[str], KVPair | None] | None = None) -> int:
     """A commit whose answer never came (a timeout after it was sent) may have happened. Read back
     who owns its keys: every Create/Update key holding exactly the value written (the values netd
     writes name their owner) and every Delete gone means it committed; the store's revision is
     returned. Anything else means it did not: `error` is raised, and retrying is safe. While the
     store does not answer, try again a few times; then the outcome is unknown: `error` is raised."""
     writes = [op for op in ops if not isinstance(op, Check)]
+    get = get or store.get
     for attempt in range(attempts):
         if attempt:
             time.sleep(interval)
         try:
             for op in writes:
-                pair = store.get(op.key)
+                pair = get(op.key)
                 if isinstance(op, Delete) and pair is not None:
                     raise error
                 if isinstance(op, (Create, Update)) and (pair is None or pair.value != op.value):
@@ -413,9 +414,10 @@ class HttpClient:
     QUIET = 3.0
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                timeout: float | None = None) -> HttpReply:
-        """`path` may be a whole URL; only its path and query are used."""
-        if time.monotonic() < self._quiet_until:
+                timeout: float | None = None, breaker: bool = True) -> HttpReply:
+        """`path` may be a whole URL; only its path and query are used. `breaker=False`: ask even
+        while the breaker is open (reading back an unanswered commit)."""
+        if breaker and time.monotonic() < self._quiet_until:
             raise requests.exceptions.ConnectionError(
                 f"not answering ({self._timeouts} timeouts in a row; trying again shortly)")
         parsed = urlparse(path)
@@ -466,8 +468,8 @@ class HttpClient:
             self._local.connection = connection
         return connection
 
-    def post(self, url: str, json: Any = None, timeout: Any = None, **_ignored: Any) -> HttpReply:
-        return self.request("POST", url, _json_body(json), _read_timeout(timeout))
+    def post(self, url: str, json: Any = None, timeout: Any = None, breaker: bool = True, **_ignored: Any) -> HttpReply:
+        return self.request("POST", url, _json_body(json), _read_timeout(timeout), breaker)
 
     def get(self, url: str, timeout: Any = None, **_ignored: Any) -> HttpReply:
         return self.request("GET", url, None, _read_timeout(timeout))

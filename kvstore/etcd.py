@@ -146,10 +146,23 @@ class EtcdStore(KVStore):
         except StoreError as error:
             if "timed out" not in str(error):
                 raise
-            return resolve_unanswered_commit(self, ops, error)
+            # Read back quickly: the caller may hold its operation lock meanwhile.
+            return resolve_unanswered_commit(self, ops, error, get=self._quick_get)
         if not reply.get("succeeded"):
             _raise_failed_compare(guarded, reply.get("responses", []))
         return _header_revision(reply)
+
+    def _quick_get(self, key: str) -> KVPair | None:
+        """get() with a short timeout, for reading back an unanswered commit."""
+        try:
+            reply = self._http.post(self._client.get_url("/kv/range"), json={"key": _encode(key)}, timeout=1.0,
+                                    breaker=False)
+            if reply.status_code != 200:
+                raise StoreError(f"etcd at {self.host}:{self.port} answered HTTP {reply.status_code}")
+            kvs = reply.json().get("kvs", [])
+        except (requests.RequestException, ValueError) as e:
+            raise StoreError(f"cannot reach etcd at {self.host}:{self.port}: {e}") from None
+        return _pair(kvs[0]) if kvs else None
 
     def delete_prefix(self, prefix: str) -> None:
         start, end = _range(prefix)

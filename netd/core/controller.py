@@ -93,6 +93,9 @@ class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEv
         self._port_reservations: dict[tuple[str, str, int], socket.socket] = {}
         self._exit_waiters: dict[str, threading.Event] = {}
         self._removal_held: set[str] = set()
+        self._adverts: list = []                        # local subnets to advertise (Networks)
+        self._advert_lock = threading.Lock()
+        self._advert_thread: threading.Thread | None = None
         self.info_extra = None     # the daemon adds its own facts (socket, stores, firewall) to info()
 
     def _driver_context(self, name: str) -> DriverContext:
@@ -130,6 +133,8 @@ class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEv
             self.resolver.start()
             self._restore()
             self._ensure_builtin_networks()
+            for network in list(self.networks.values()):   # this host's local subnets, known cluster-wide
+                self._advertise_local_subnet(network)
         if self.cluster is not None:
             self.store_reconnected()
 

@@ -12,6 +12,8 @@ CONTAINERS = ROOT + "containers/"             # <container id> -> Container (loc
 CONTAINER_NAMES = ROOT + "container-names/"   # <name> -> container id
 OWN_ENDPOINTS = ROOT + "own-endpoints/"       # <network id>/<endpoint id>: this host's endpoints on global
                                               # networks, kept locally too (local store): what to claim back
+LOCAL_SUBNETS = ROOT + "local-subnets/"       # <host key>/<network id> -> {"Name", "Subnet"}: local networks
+                                              # subnets, so that global pools avoid them (cluster store)
 HOSTS = ROOT + "hosts/"                       # <host key> -> live member (under a lease)
 HOST_RECORDS = ROOT + "host-records/"         # <host key> -> every host ever seen
 IPAM = ROOT + "ipam/"                         # pools/, subnets/, addresses/ (netd.core.ipam)

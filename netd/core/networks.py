@@ -2,11 +2,13 @@
 
 
 import contextlib
+import json
 import logging
+import threading
 from ipaddress import IPv4Network
 
 import drivers
-from kvstore import StoreError, VersionConflict
+from kvstore import KVError, StoreError, VersionConflict
 from netd.contract.errors import BadRequest, Conflict, NotFound
 from netd.contract.model import (
     GLOBAL,
@@ -21,6 +23,7 @@ from netd.core.cluster import remove_host
 from netd.core.ipam import Pool, parse_address
 from netd.core.keys import (
     ENDPOINTS,
+    LOCAL_SUBNETS,
     NETWORK_NAMES,
     NETWORKS,
 )
@@ -75,6 +78,8 @@ class Networks:
             )
             impl.validate(network)
             store = self._store(scope)
+            if scope == GLOBAL and subnet:
+                self._check_local_subnets(IPv4Network(subnet, strict=False))
             if scope not in impl.scopes:   # e.g. a global bridge: other hosts would fail to build it
                 raise BadRequest(f"driver {driver} makes {impl.scope} networks only: drop --scope {scope}")
             with Undo(after_rollback=flush_retired) as undo:
@@ -91,6 +96,7 @@ class Networks:
                 undo.push(impl.delete_network, network)
                 store.create(NETWORKS + network.id, network.to_json())
             self.networks[network.id] = network
+            self._advertise_local_subnet(network)
             log.info("created network %s (%s, %s)", name, driver, network.ipam.subnet if network.ipam else "no addresses")
             return network
 
@@ -102,12 +108,62 @@ class Networks:
                 avoid.append(IPv4Network(cidr, strict=False))
         if scope == GLOBAL:
             avoid.extend(IPv4Network(p.subnet) for p in self.ipam[LOCAL].pools())
+            avoid.extend(subnet for subnet, _ in self._other_hosts_local_subnets())
         else:
             # The global pools are the global networks' subnets, which the cluster's mirror holds:
             # a local network is created without asking the cluster store (it may be away).
             avoid.extend(IPv4Network(n.ipam.subnet) for n in list(self.networks.values())
                          if n.scope == GLOBAL and n.ipam is not None)
         return avoid
+
+    # --- local subnets, known cluster-wide ---------------------------------------------------
+    # A global pool must not overlap any host's local network (its containers could not reach
+    # the global network's addresses on that host): each host advertises its local subnets.
+
+    def _advertise_local_subnet(self, network: Network, gone: bool = False) -> None:
+        """In the background, in order: local work never waits on the cluster store."""
+        if self.cluster_store is None or network.scope != LOCAL or network.ipam is None or network.builtin:
+            return
+        with self._advert_lock:
+            self._adverts.append((network, gone))
+            if self._advert_thread is None or not self._advert_thread.is_alive():
+                self._advert_thread = threading.Thread(target=self._send_adverts, name="local-subnets", daemon=True)
+                self._advert_thread.start()
+
+    def _send_adverts(self) -> None:
+        while True:
+            with self._advert_lock:
+                if not self._adverts:
+                    return
+                network, gone = self._adverts.pop(0)
+            key = f"{LOCAL_SUBNETS}{self.host_key}/{network.id}"
+            try:
+                if gone:
+                    self.cluster_store.delete(key)
+                else:
+                    self.cluster_store.put(key, json.dumps({"Name": network.name, "Subnet": network.ipam.subnet}))
+            except KVError as e:   # best effort: advertised again at the next start
+                log.warning("could not advertise local network %s in the cluster store: %s", network.name, e)
+
+    def _other_hosts_local_subnets(self) -> list[tuple[IPv4Network, str]]:
+        if self.cluster_store is None:
+            return []
+        pairs, _ = self.cluster_store.list(LOCAL_SUBNETS)
+        found = []
+        for pair in pairs:
+            host = pair.key[len(LOCAL_SUBNETS):].split("/", 1)[0]
+            try:
+                value = json.loads(pair.value)
+                found.append((IPv4Network(value["Subnet"]), f"local network {value['Name']} on host {host}"))
+            except (ValueError, KeyError, TypeError):
+                log.error("ignoring a bad value at %s in the cluster store", pair.key)
+        return found
+
+    def _check_local_subnets(self, subnet: IPv4Network) -> None:
+        for other, what in self._other_hosts_local_subnets():
+            if other.overlaps(subnet):
+                raise Conflict(f"subnet {subnet} overlaps {what} ({other}): a global network must not "
+                               "overlap any host's local network")
 
     def _find_network(self, ref: str) -> Network | None:
         networks = list(self.networks.values())
@@ -165,6 +221,7 @@ class Networks:
             store.delete(NETWORK_NAMES + network.name)
             store.delete(NETWORKS + network.id)
             del self.networks[network.id]
+            self._advertise_local_subnet(network, gone=True)
             impl.release_network(network)     # last: e.g. the VNI, once nothing can use it
             log.info("removed network %s", network.name)
 

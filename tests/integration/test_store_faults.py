@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from kvstore import open_store
 from runtime.namespaces import entered_netns
 from tests.support.hosts import PYTHON, NetdHost, clustered_host
 
@@ -93,3 +94,22 @@ def test_a_second_daemon_with_this_hosts_address_is_refused(cluster, tmp_path):
                                "--run-dir", str(tmp_path / "run2"), "--data-dir", host.data_dir,
                                "--config-file", "/nonexistent"], capture_output=True, text=True, timeout=60)
     assert same_dir.returncode != 0 and "already running with data dir" in same_dir.stderr, same_dir.stderr
+
+
+def test_global_pools_avoid_every_hosts_local_networks(cluster):
+    host, url = cluster
+    with entered_netns(f"/run/netns/{host.name}"):
+        store = open_store(url)
+    try:
+        host.netd("network", "create", "--subnet", "10.99.7.0/24", "sflocal2")
+        with entered_netns(f"/run/netns/{host.name}"):
+            mine = [p.key for p in store.list("netd/local-subnets/")[0]]
+            store.put("netd/local-subnets/203.0.113.50/abc", json.dumps({"Name": "lan", "Subnet": "10.99.8.0/24"}))
+        assert any(key.endswith("/" + json.loads(host.netd("network", "inspect", "sflocal2"))[0]["Id"]) for key in mine)
+        message = host.fails("network", "create", "-d", "overlay", "--subnet", "10.99.8.0/25", "sfglobal")
+        assert "overlaps local network lan on host 203.0.113.50" in message, message
+    finally:
+        host.cli("network", "rm", "sflocal2", check=False)
+        with entered_netns(f"/run/netns/{host.name}"):
+            store.delete("netd/local-subnets/203.0.113.50/abc")
+            store.close()
