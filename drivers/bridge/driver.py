@@ -22,7 +22,8 @@ OPT_MTU = "com.docker.network.driver.mtu"
 OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_HOST_BINDING = "com.docker.network.bridge.host_binding_ipv4"
 
-DEFAULT_BRIDGE = "netd0"   # the default `bridge` network's device, as docker0 is Docker's
+DEFAULT_BRIDGE = "netd0"
+VETH_PREFIX = "vnd"        # host ends of the endpoints' veths   # the default `bridge` network's device, as docker0 is Docker's
 
 
 
@@ -34,6 +35,7 @@ class BridgeDriver(Driver):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._bridge_indexes: dict[str, int] = {}   # network id -> ifindex of its bridge here
+        self._claimed: set[str] = set()             # veth host ends of the endpoints restored
 
     # --- network ----------------------------------------------------------------------------
 
@@ -95,6 +97,7 @@ class BridgeDriver(Driver):
             self._remove(ipr, network)
 
     def restore(self, network: Network, endpoints: list[Endpoint]) -> None:
+        self._claimed.update(e.host_ifname for e in endpoints if e.host_ifname)
         with netlink.netns_socket(None) as ipr:
             self._build(ipr, network)
             bridge = netlink.link_index(ipr, network.driver_state["bridge"])
@@ -105,6 +108,18 @@ class BridgeDriver(Driver):
                                      endpoint.host_ifname)
                 else:
                     ipr.link("set", index=index, master=bridge, state="up")
+
+    def restore_done(self) -> None:
+        """Veths of endpoints that never came to be (a kill -9 between the join and the endpoint's
+        record): their host ends carry netd's prefix and no restored endpoint claims them. Deleting
+        the host end takes the container's end with it."""
+        with netlink.netns_socket(None) as ipr:
+            for link in ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME") or ""
+                if name.startswith(VETH_PREFIX) and name not in self._claimed:
+                    self.log.warning("removing veth %s: no endpoint claims it (left by a crash)", name)
+                    netlink.delete_link(ipr, name)
+        self._claimed.clear()
 
     def inspect(self, network: Network) -> dict:
         return {"Bridge": network.driver_state.get("bridge", "")}
@@ -132,7 +147,7 @@ class BridgeDriver(Driver):
     # --- endpoints --------------------------------------------------------------------------
 
     def create_endpoint(self, network: Network, endpoint: Endpoint) -> None:
-        endpoint.host_ifname = netlink.interface_name("vnd", endpoint.id)
+        endpoint.host_ifname = netlink.interface_name(VETH_PREFIX, endpoint.id)
         if not endpoint.mac:
             endpoint.mac = netlink.mac_from_ip(endpoint.address) if endpoint.address else netlink.random_mac()
 

@@ -60,16 +60,19 @@ def run(lab: Lab, report: Report, options: dict) -> None:
 
 
 def check_static_race(lab: Lab, report: Report, net: str, names: dict[str, str]) -> None:
-    """Two hosts ask for the same static address at the same moment: exactly one wins."""
+    """Two hosts ask for the same static address at the same moment: exactly one wins. (An address
+    no one holds yet: a host that meets contention takes the next address from a random place.)"""
     contenders = lab.container_hosts[:2]
+    held = {a["Address"] for a in json.loads(lab.netd(contenders[0], "ipam", "inspect", net, "--format", "json"))}
+    static = next(f"172.16.9.{i}" for i in range(250, 1, -1) if f"172.16.9.{i}" not in held)
     tasks = [lambda h=h: lab.try_netd(h, "run", "-d", "--name", f"{h}-static", "--network", net,
-                                      "--ip", "172.16.9.200", "sleep", "100000") for h in contenders]
+                                      "--ip", static, "sleep", "100000") for h in contenders]
     results = run_parallel(tasks)
     winners = [h for h, r in zip(contenders, results, strict=True) if r.returncode == 0]
     for h in winners:
         names[f"{h}-static"] = h
     loser = next((r.stderr.strip() for r in results if r.returncode), "")
-    report.add("ipam", "same static address at once", " & ".join(contenders), "172.16.9.200",
+    report.add("ipam", "same static address at once", " & ".join(contenders), static,
                len(winners) == 1 and "already in use" in loser, f"winner {winners}; the other: {loser}")
 
 
