@@ -8,14 +8,13 @@ import json
 import os
 import random
 import socket
-import time
 
 import pytest
 
 from tests.support.hosts import NetdHost
 
 pytestmark = pytest.mark.timeout(300)
-SEED = int(os.environ.get("NETD_FUZZ_SEED", time.time()))
+SEED = int(os.environ.get("NETD_FUZZ_SEED", "7"))   # fixed in CI; any other seed explores
 ROUNDS = int(os.environ.get("NETD_FUZZ_ROUNDS", "400"))
 
 ROUTES = [("POST", "/networks/create"), ("POST", "/networks/fz/connect"), ("POST", "/networks/fz/disconnect"),

@@ -39,7 +39,7 @@ def invariants(host: NetdHost, network: str) -> None:
 
 
 def test_kill_9_at_random_points_converges(busybox_rootfs):
-    seed = int(os.environ.get("NETD_CRASH_SEED", time.time()))
+    seed = int(os.environ.get("NETD_CRASH_SEED", "4"))   # fixed in CI; any other seed explores (it is printed)
     rng = random.Random(seed)
     print(f"seed {seed}")
     with NetdHost(prefix="netdt") as host:
