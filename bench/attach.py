@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
-from bench.peers import rss_bytes
+from bench.peers import rss_bytes, timed_command
 from bench.stats import print_table, summarize
 from netd.api.client import Client
 from tests.support.hosts import NetdHost
@@ -67,12 +66,7 @@ class NetdAttachPeer:
         if self.use_cli:
             argv = [NETD_CLI, "network", op, self.network, self.containers[i]]
             env = {"PATH": os.environ.get("PATH", ""), "NETD_HOST": f"unix://{self.host.socket}"}
-            started = time.perf_counter()
-            result = subprocess.run(argv, capture_output=True, text=True, env=env)
-            elapsed = time.perf_counter() - started
-            if result.returncode != 0:
-                raise RuntimeError(f"netd network {op} {i}: {result.stderr.strip()}")
-            return elapsed
+            return timed_command(argv, env, f"netd network {op} {i}")
         started = time.perf_counter()
         self.client.request("POST", f"/networks/{self.network}/{op}", {"Container": self.containers[i]})
         return time.perf_counter() - started

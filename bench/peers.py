@@ -104,6 +104,16 @@ def _run(argv: list[str], check: bool = True, timeout: float = 60, **kwargs: Any
     return result
 
 
+def timed_command(argv: list[str], env: dict[str, str], what: str) -> float:
+    """Seconds one command takes end to end, as a user runs it (fork, start-up, the call)."""
+    started = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise PeerError(f"{what}: {result.stderr.strip()}")
+    return elapsed
+
+
 def _token() -> str:
     return secrets.token_hex(3)
 
@@ -489,12 +499,7 @@ class DockerBridgePeer:
         if self.use_cli:
             argv = [self.docker_cli, "-H", f"unix://{self.socket_path}", "network", op, self.network_id, cid]
             env = {"PATH": SYSTEM_PATH, "DOCKER_CONFIG": os.path.join(self.tmp or "", "cli")}
-            started = time.perf_counter()
-            result = subprocess.run(argv, capture_output=True, text=True, env=env)
-            elapsed = time.perf_counter() - started
-            if result.returncode != 0:
-                raise PeerError(f"docker network {op} {i}: {result.stderr.strip()}")
-            return elapsed
+            return timed_command(argv, env, f"docker network {op} {i}")
         body: dict[str, Any] = {"Container": cid}
         if op == "disconnect":
             body["Force"] = False
