@@ -25,7 +25,6 @@ demo: install
 	$(PY) -m labs demo
 
 bench: install
-	BENCH_PEERS=1 scripts/install-system-packages
 	$(PY) -m bench
 
 lint: install

@@ -313,6 +313,10 @@ mount --rbind /sys/fs/cgroup "$tmp/cgroup"
 mount -t sysfs sysfs /sys
 mount --rbind "$tmp/cgroup" /sys/fs/cgroup
 mount -t tmpfs -o mode=0755 netd-bench-run /run
+if [ -n "$PLUGIN_DIR" ]; then
+    mkdir -p /run/docker/plugins
+    mount --bind "$PLUGIN_DIR" /run/docker/plugins
+fi
 if [ -d /etc/docker ]; then
     mount --bind "$tmp/etc-docker" /etc/docker
 else  # dockerd would create /etc/docker/key.json: give it a copy-on-write /etc instead
@@ -331,7 +335,8 @@ class DockerBridgePeer:
 
     def __init__(self, use_cli: bool = False, subnet: str = "10.231.0.0/16", workers: int = 4,
                  dockerd: str = "/usr/sbin/dockerd", docker_cli: str = "/usr/bin/docker",
-                 start_timeout: float = 60, default_bridge: bool = False, second: bool = False) -> None:
+                 start_timeout: float = 60, default_bridge: bool = False, second: bool = False,
+                 netns: str | None = None, plugin_dir: str | None = None, own_network: bool = True) -> None:
         """use_cli: time `docker network connect|disconnect` (fork + CLI start-up included)
         instead of the API call. workers: parallel container creation in make_sandboxes (4 is
         about as fast as it gets on 2 CPUs). default_bridge: attach to Docker's built-in
@@ -350,7 +355,12 @@ class DockerBridgePeer:
         self.start_timeout = start_timeout
         self.token = _token()
         self.prefix = f"netd-bench-docker-{self.token}"
-        self.netns = self.prefix
+        # netns: run in a namespace the caller made and keeps (e.g. a netd test host's, so that
+        # dockerd sees netd's interfaces); plugin_dir: what dockerd finds in /run/docker/plugins.
+        self.netns = netns or self.prefix
+        self.netns_owned = netns is None
+        self.plugin_dir = plugin_dir
+        self.own_network = own_network
         self.cgroup_parent = f"/{self.prefix}"
         self.image = f"netd-bench-busybox-{self.token}:latest"
         self.network_name = f"netd-bench-{self.token}"
@@ -379,10 +389,13 @@ class DockerBridgePeer:
         self.socket_path = os.path.join(self.tmp, "docker.sock")
         with open(os.path.join(self.tmp, "daemon.json"), "w") as f:
             json.dump({}, f)
-        netns_add(self.netns)
+        if self.netns_owned:
+            netns_add(self.netns)
         self._start_dockerd()
         self.api = DockerAPI(self.socket_path)
         self._import_image()
+        if not self.own_network:
+            return
         if self.default_bridge:
             self.network_id = self.api.request("GET", "/networks/bridge")["Id"]
             return
@@ -415,7 +428,7 @@ class DockerBridgePeer:
         self.log_file = open(os.path.join(tmp, "dockerd.log"), "w")  # closed in stop()
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log_file,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, "PATH": SYSTEM_PATH})
+                                        env={**os.environ, "PATH": SYSTEM_PATH, "PLUGIN_DIR": self.plugin_dir or ""})
         deadline = time.monotonic() + self.start_timeout
         probe = DockerAPI(self.socket_path, timeout=5)
         try:
@@ -560,10 +573,11 @@ class DockerBridgePeer:
                 api.close()
         self._stop_processes(problems)
         self._remove_cgroups(problems)
-        try:
-            netns_delete(self.netns)
-        except PeerError as e:
-            problems.append(str(e))
+        if self.netns_owned:
+            try:
+                netns_delete(self.netns)
+            except PeerError as e:
+                problems.append(str(e))
         if self.log_file is not None:
             self.log_file.close()
         if self.tmp:
@@ -605,7 +619,8 @@ class DockerBridgePeer:
         # Whatever is left that we started: containerd, shims (in our netns), container
         # processes (in our cgroups).
         for _ in range(3):
-            left = sorted(set(netns_pids(self.netns)) | set(self._cgroup_pids()))
+            mine = set(netns_pids(self.netns)) if self.netns_owned else set()   # a borrowed one holds others' too
+            left = sorted(mine | set(self._cgroup_pids()) | set(self._pids_under_tmp()))
             if not left:
                 break
             kill_pids(left)
@@ -646,10 +661,21 @@ class DockerBridgePeer:
                             break
                         time.sleep(0.1)
 
+    def _pids_under_tmp(self) -> list[int]:
+        """Processes whose command line names our temp dir (containerd and its shims)."""
+        if not self.tmp:
+            return []
+        found = []
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                if self.tmp.encode() in f.read():
+                    found.append(pid)
+        return found
+
     def leftovers(self) -> list[str]:
         """What of ours still exists on the machine (empty when clean)."""
         found = []
-        if netns_exists(self.netns):
+        if self.netns_owned and netns_exists(self.netns):
             found.append(f"network namespace {self.netns}")
         if self.tmp and os.path.exists(self.tmp):
             found.append(f"temp dir {self.tmp}")

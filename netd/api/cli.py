@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds this host stays alive in the cluster after it stops renewing (default 15)")
     daemon.add_argument("--reclaim-after", type=float, default=None,
                         help="seconds a dead host's addresses are kept before they are freed (default 3600; 0: only `netd host rm`)")
+    daemon.add_argument("--docker-plugins", action="store_true",
+                        help="be dockerd's network drivers (netd-bridge, netd-overlay, ...) and IPAM driver (netd)")
+    daemon.add_argument("--docker-plugin-dir", default=None,
+                        help="where dockerd looks for plugin sockets (default /run/docker/plugins)")
     daemon.add_argument("--debug", action="store_true", help="log more")
     daemon.set_defaults(run=cmd_daemon, needs_client=False)
 

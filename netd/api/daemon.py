@@ -39,6 +39,8 @@ class Settings:
     host_ttl: float = 15.0
     reclaim_after: float = 3600.0   # a restart or a short partition never triggers it; `netd host rm` for a host gone for good
     debug: bool = False
+    docker_plugins: bool = False      # serve dockerd's network and IPAM plugins (netd.api.docker_plugin)
+    docker_plugin_dir: str = "/run/docker/plugins"
 
     @property
     def socket_path(self) -> str:
@@ -56,17 +58,20 @@ def load_settings(args) -> Settings:
         except (OSError, ValueError) as e:
             raise BadRequest(f"cannot read {path}: {e}") from None
         known = {"run-dir", "data-dir", "store", "cluster-store", "cluster-advertise", "host-ttl", "reclaim-after",
-                 "debug", "cluster-store-opts"}
+                 "debug", "cluster-store-opts", "docker-plugins", "docker-plugin-dir"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise BadRequest(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
         for key, value in data.items():
             setattr(settings, key.replace("-", "_"), value)
-    for name in ("run_dir", "data_dir", "store", "cluster_store", "cluster_advertise", "host_ttl", "reclaim_after"):
+    for name in ("run_dir", "data_dir", "store", "cluster_store", "cluster_advertise", "host_ttl", "reclaim_after",
+                 "docker_plugin_dir"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
     settings.debug = settings.debug or bool(getattr(args, "debug", False))
+    settings.docker_plugins = bool(settings.docker_plugins or getattr(args, "docker_plugins", False)
+                                   or getattr(args, "docker_plugin_dir", None))
     if not isinstance(settings.cluster_store_opts, dict):
         raise BadRequest("cluster-store-opts must be an object of KEY: VALUE (e.g. \"kv.cacertfile\": \"/path\")")
     for option in getattr(args, "cluster_store_opt", None) or []:
@@ -208,6 +213,11 @@ class Daemon:
             self.trace_agent = TraceAgent(self.controller).start()
         threading.Thread(target=self._maintain, name="maintenance", daemon=True).start()
         self.server = ApiServer(s.socket_path, self.controller)
+        self.plugins = None
+        if s.docker_plugins:
+            from netd.api.docker_plugin import DockerPlugins
+            self.plugins = DockerPlugins(self.controller, s.docker_plugin_dir)
+            log.info("dockerd's plugins %s in %s", ", ".join(self.plugins.names), s.docker_plugin_dir)
         log.info("netd daemon ready on %s (run dir %s, data dir %s)", s.socket_path, s.run_dir, s.data_dir)
 
     def _maintain(self, interval: float = 10.0) -> None:
@@ -233,6 +243,8 @@ class Daemon:
             "ClusterAdvertise": s.cluster_advertise or "",
             "Firewall": self.firewall_report.summary(),
             "SocketAccess": self.server.access if self.server is not None else "",
+            "DockerPlugins": (f"{', '.join(self.plugins.names)} in {s.docker_plugin_dir}"
+                              if getattr(self, "plugins", None) is not None else ""),
         }
 
     def serve(self) -> None:
@@ -251,6 +263,8 @@ class Daemon:
     def _shutdown(self) -> None:
         log.info("netd daemon stopping; containers keep running")
         self.server.server_close()
+        if self.plugins is not None:
+            self.plugins.close()
         if getattr(self, "trace_agent", None) is not None:
             self.trace_agent.stop()
         self.controller.close()

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import socketserver
+import sys
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
@@ -19,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from netd.api import request, views
 from netd.api.errors import reported
-from netd.contract import API_VERSION, VERSION
+from netd.contract import API_VERSION, MIN_API_VERSION, VERSION
 from netd.contract.errors import BadRequest, Internal, NotFound
 from netd.contract.model import PortBinding, parse_address
 from netd.core.controller import Controller
@@ -43,6 +44,10 @@ def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
     return register
 
 
+class Text(str):
+    """A plain-text reply (Docker's /_ping answers "OK", not JSON)."""
+
+
 class Stream:
     """A streamed reply: chunks of bytes written as they come, then the connection closes."""
 
@@ -54,13 +59,21 @@ class Stream:
 # --- system -------------------------------------------------------------------------------
 
 @route("GET", "/_ping")
+@route("HEAD", "/_ping")
 def ping(ctl: Controller, query, body):
-    return "OK"
+    return Text("OK")
 
 
 @route("GET", "/version")
 def version(ctl: Controller, query, body):
-    return {"Version": VERSION, "ApiVersion": API_VERSION, "Os": "linux"}
+    """Docker's shape, so that the docker CLI and docker-py negotiate API_VERSION with netd."""
+    uname = os.uname()
+    return {"Version": VERSION, "ApiVersion": API_VERSION, "MinAPIVersion": MIN_API_VERSION, "Os": "linux",
+            "Arch": {"x86_64": "amd64", "aarch64": "arm64"}.get(uname.machine, uname.machine),
+            "KernelVersion": uname.release, "GoVersion": f"python{sys.version.split()[0]}",
+            "GitCommit": "", "BuildTime": "", "Experimental": False,
+            "Platform": {"Name": f"netd {VERSION}"},
+            "Components": [{"Name": "netd", "Version": VERSION, "Details": {"ApiVersion": API_VERSION}}]}
 
 
 @route("GET", "/info")
@@ -72,7 +85,8 @@ def info(ctl: Controller, query, body):
 
 @route("GET", "/networks")
 def network_list(ctl: Controller, query, body):
-    return [views.network_view(ctl, n, verbose=False) for n in ctl.list_networks()]
+    wanted = views.network_filters(query.get("filters"))
+    return [views.network_view(ctl, n, verbose=False) for n in ctl.list_networks() if views.network_matches(n, wanted)]
 
 
 @route("POST", "/networks/create")
@@ -109,7 +123,8 @@ def network_remove(ctl: Controller, query, body, ref):
 
 @route("POST", "/networks/prune")
 def network_prune(ctl: Controller, query, body):
-    return {"NetworksDeleted": ctl.prune_networks()}
+    wanted = views.network_filters(query.get("filters"), allowed=("label", "label!", "until"))
+    return {"NetworksDeleted": ctl.prune_networks(lambda n: views.network_matches(n, wanted))}
 
 
 @route("POST", "/networks/{ref}/connect")
@@ -123,7 +138,7 @@ def network_connect(ctl: Controller, query, body, ref):
 @route("POST", "/networks/{ref}/disconnect")
 def network_disconnect(ctl: Controller, query, body, ref):
     ctl.disconnect(ref, _required(body, "Container"), force=bool(body.get("Force")))
-    return 204, None
+    return 200, None
 
 
 # --- containers ---------------------------------------------------------------------------
@@ -373,12 +388,26 @@ class RequestHandler(BaseHTTPRequestHandler):
         log.debug("%s %s -> %d in %.2f ms", method, path, status, (time.perf_counter() - started) * 1000)
 
     def _send_json(self, status: int, result: object) -> None:
-        data = b"" if result is None else json.dumps(result).encode()
+        if isinstance(result, Text):
+            data, content_type = result.encode(), "text/plain; charset=utf-8"
+        else:
+            data, content_type = (b"" if result is None else json.dumps(result).encode()), "application/json"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def end_headers(self) -> None:
+        # What Docker's clients read to choose the API version (and the OS) to speak.
+        self.send_header("Api-Version", API_VERSION)
+        self.send_header("Ostype", "linux")
+        self.send_header("Docker-Experimental", "false")
+        super().end_headers()
+
+    def version_string(self) -> str:
+        return f"netd/{VERSION} (linux)"
 
     def _send_stream(self, status: int, stream: Stream) -> None:
         self.send_response(status)
@@ -401,6 +430,12 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:  # noqa: N802
         self._handle("DELETE")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._handle("HEAD")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._handle("PUT")
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002
         log.debug("api: " + format, *args)

@@ -3,8 +3,11 @@ scripts written for `docker network inspect` / `docker inspect` keep working."""
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, datetime
 
+from netd.contract.errors import BadRequest
 from netd.contract.model import Container, Endpoint, Network
 from netd.core.controller import Controller
 
@@ -19,12 +22,15 @@ def network_view(ctl: Controller, network: Network, verbose: bool = True) -> dic
         "EnableIPv6": False,
         "IPAM": {
             "Driver": "default",
-            "Options": {},
+            "Options": None,      # as dockerd says when no --ipam-opt was given
             "Config": [network.ipam.to_docker()] if network.ipam else [],
         },
         "Internal": network.internal,
-        "Attachable": True,
+        "Attachable": False,      # a swarm notion: every netd network takes any container
         "Ingress": False,
+        "ConfigFrom": {"Network": ""},
+        "ConfigOnly": False,
+        "Containers": {},
         "Options": dict(network.options),
         "Labels": dict(network.labels),
     }
@@ -54,7 +60,7 @@ def container_summary(ctl: Controller, container: Container) -> dict:
     return {
         "Id": container.id,
         "Names": [container.name],
-        "Command": " ".join(container.cmd),
+        "Command": " ".join(container.cmd) if not container.external else f"({container.external} sandbox)",
         "Created": container.created,
         "State": container.state,
         "Status": _status(container) + "".join(
@@ -141,3 +147,64 @@ def container_view(ctl: Controller, container: Container) -> dict:
             "Networks": networks,
         },
     }
+
+
+NETWORK_FILTERS = ("name", "id", "driver", "scope", "type", "label", "label!", "until")
+
+
+def network_filters(text: str | None, allowed: tuple[str, ...] = NETWORK_FILTERS) -> dict[str, list[str]]:
+    """Docker's `filters` query parameter, in either of its forms: {"name": {"x": true}} or
+    {"name": ["x"]}."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raise BadRequest("invalid filters: not JSON") from None
+    if not isinstance(raw, dict):
+        raise BadRequest("invalid filters: expected an object")
+    wanted: dict[str, list[str]] = {}
+    for key, values in raw.items():
+        if key not in allowed:
+            raise BadRequest(f"invalid filter '{key}'")
+        if isinstance(values, dict):
+            values = [v for v, on in values.items() if on]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise BadRequest(f"invalid filter '{key}': expected strings")
+        wanted[key] = values
+    return wanted
+
+
+def network_matches(network: Network, wanted: dict[str, list[str]]) -> bool:
+    """Docker's rules: any value of a key may match, every key must."""
+    def label_matches(spec: str) -> bool:
+        key, eq, value = spec.partition("=")
+        return key in network.labels and (not eq or network.labels[key] == value)
+
+    tests = {
+        "name": lambda v: _search(v, network.name),
+        "id": lambda v: network.id.startswith(v),
+        "driver": lambda v: network.driver == v,
+        "scope": lambda v: network.scope == v,
+        "type": lambda v: (v == "builtin") == network.builtin if v in ("builtin", "custom") else _bad_type(v),
+        "label": label_matches,
+        "until": lambda v: True,   # accepted for `network prune --filter until=`: netd keeps no age limit
+    }
+    for key, values in wanted.items():
+        if key == "label!":
+            if any(label_matches(v) for v in values):
+                return False
+        elif values and not any(tests[key](v) for v in values):
+            return False
+    return True
+
+
+def _search(pattern: str, text: str) -> bool:
+    try:
+        return re.search(pattern, text) is not None
+    except re.error:
+        return pattern in text
+
+
+def _bad_type(value: str) -> bool:
+    raise BadRequest(f"invalid filter 'type={value}': use builtin or custom")

@@ -157,6 +157,9 @@ class Container:
     networks: list[str] = field(default_factory=list)  # network ids, in the order joined (eth0, eth1, ...)
     created: str = field(default_factory=now)
     capabilities: list[str] | None = None   # what the process keeps (Docker's default set +/- flags); None: all
+    # Whose sandbox this is when netd did not make it: "docker" (netd as dockerd's network
+    # plugin) or "cni" (netd as a CNI plugin); netd runs no process in it and never removes it.
+    external: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

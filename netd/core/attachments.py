@@ -18,6 +18,7 @@ from netd.contract.model import (
     check_name,
     new_id,
 )
+from netd.core.containers import refuse_external
 from netd.core.keys import (
     CONTAINERS,
     ENDPOINTS,
@@ -41,6 +42,7 @@ class Attachments:
         with self.lock:
             network = self.get_network(network_ref)
             container = self.get_container(container_ref)
+            refuse_external(container, "connected")
             if container.state != "running":
                 raise Conflict(f"container {container.name} is not running")
             if container.network_mode == "host" or container.shares_netns_of:
@@ -57,28 +59,32 @@ class Attachments:
                 self.local_store.put(CONTAINERS + container.id, container.to_json())
             return endpoint
 
-    def _connect(self, container: Container, network: Network, ip: str | None, aliases: list[str], undo: Undo) -> Endpoint:
-        """Create the endpoint, take its address, plumb it into the sandbox and store it."""
+    def _connect(self, container: Container, network: Network, ip: str | None, aliases: list[str], undo: Undo,
+                 ifname: str | None = None, adopt: bool = False, mac: str = "") -> Endpoint:
+        """Create the endpoint, take its address, plumb it into the sandbox and store it.
+
+        For a sandbox netd did not make: `ifname` the runtime's name for the interface, `adopt`
+        an address the IPAM plugin handed out for it, `mac` the runtime's choice."""
         impl = self.drivers[network.driver]
         store = self._store(network.scope)
         for alias in aliases:
             check_name("alias", alias)
         endpoint = Endpoint(
             id=new_id(), network_id=network.id, container_id=container.id, container_name=container.name,
-            host=self.host_key, aliases=list(aliases), sandbox=container.netns,
+            host=self.host_key, aliases=list(aliases), sandbox=container.netns, mac=mac,
         )
         if impl.has_addresses:
             within = impl.address_range(network)   # hostgw: this host's part of the network
             undo.push(impl.release_address_range, network)
             address = self.ipam[network.scope].allocate(
-                network.id, ip, within=within, endpoint_id=endpoint.id, container=container.name
+                network.id, ip, within=within, adopt=adopt, endpoint_id=endpoint.id, container=container.name
             )
             undo.push(self.ipam[network.scope].release, network.id, address)
             endpoint.ipv4 = f"{address}/{IPv4Network(network.ipam.subnet).prefixlen}"
         impl.create_endpoint(network, endpoint)
         undo.push(impl.delete_endpoint, network, endpoint)
         if container.netns and not impl.namespace_mode:
-            endpoint.ifname = self._next_ifname(container)
+            endpoint.ifname = ifname or self._next_ifname(container)
             set_default = impl.has_addresses and not network.internal and not any(
                 e.gateway for e in self._container_endpoints(container)
             )
@@ -154,6 +160,7 @@ class Attachments:
         with self.lock:
             network = self.get_network(network_ref)
             container = self.get_container(container_ref)
+            refuse_external(container, "disconnected")
             endpoint = next((e for e in self._container_endpoints(container) if e.network_id == network.id), None)
             if endpoint is None:
                 raise NotFound(f"container {container.name} is not connected to network {network.name}")

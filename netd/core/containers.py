@@ -175,6 +175,8 @@ class Containers:
         etcfiles.write_in_place(os.path.join(run_dir, "hostname"), container.hostname + "\n")
 
     def _write_hosts(self, container: Container) -> None:
+        if container.external:
+            return   # its runtime writes its /etc/hosts
         if container.network_mode == "host":
             with open("/etc/hosts") as f:
                 content = f.read()
@@ -246,7 +248,7 @@ class Containers:
                     log.error("while tearing down %s on %s: %s", container.name, network.name, e)
         self._release_port_reservations(container)
         self.resolver.remove_sandbox(container.id)
-        if container.netns and not container.shares_netns_of:
+        if container.netns and not container.shares_netns_of and not container.external:
             namespaces.delete_netns(container.netns)
 
     def release_removal(self, container_id: str) -> None:
@@ -265,6 +267,7 @@ class Containers:
 
     def stop(self, ref: str, timeout: float = STOP_TIMEOUT) -> Container:
         container = self.get_container(ref)
+        refuse_external(container, "stopped")
         if container.state == "running":
             process.stop(process.ProcessHandle(container.pid, container.start_time), timeout)
             self.wait(container.id, timeout=5)
@@ -273,6 +276,7 @@ class Containers:
     def remove(self, ref: str, force: bool = False) -> Container:
         with self.lock:
             container = self.get_container(ref)
+            refuse_external(container, "removed")
             dependants = [c.name for c in self.containers.values()
                           if c.shares_netns_of == container.id and c.state == "running"]
             if dependants:
@@ -359,3 +363,9 @@ class Containers:
     def driver_of(self, network: Network) -> Driver | None:
         """The network's driver, None if this daemon does not have it."""
         return self.drivers.get(network.driver)
+
+
+def refuse_external(container: Container, done: str) -> None:
+    """A sandbox netd did not make is changed by its runtime only."""
+    if container.external:
+        raise Conflict(f"{container.name} is a {container.external} sandbox: it is {done} with {container.external}, not netd")

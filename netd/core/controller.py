@@ -35,6 +35,7 @@ from netd.core.cluster import Cluster
 from netd.core.clusterevents import ClusterEvents
 from netd.core.containers import Containers
 from netd.core.dns import Resolver
+from netd.core.external import External
 from netd.core.ipam import IPAM
 from netd.core.keys import (
     CONTAINERS,
@@ -54,7 +55,7 @@ from runtime import etcfiles, process
 log = logging.getLogger("netd.core.controller")
 
 
-class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEvents, Recovery, Reconcile):
+class Controller(Networks, Containers, Attachments, External, Ports, Resolution, ClusterEvents, Recovery, Reconcile):
     """The daemon's core. Its concerns live in the classes it is made of, one module each."""
 
     def __init__(
@@ -190,6 +191,9 @@ class Controller(Networks, Containers, Attachments, Ports, Resolution, ClusterEv
                 log.error("driver %s could not clean up after restoring: %s", driver.name, e)
         for container in list(self.containers.values()):
             if container.state != "running":
+                continue
+            if container.external:
+                self._restore_external(container)
                 continue
             if process.is_running(container.pid, container.start_time):
                 self._watch_exit(container)

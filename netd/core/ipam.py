@@ -299,7 +299,8 @@ class IPAM:
 
     # --- addresses --------------------------------------------------------------------------
 
-    def allocate(self, network_id: str, requested: str | None = None, within: str | None = None, **owner) -> str:
+    def allocate(self, network_id: str, requested: str | None = None, within: str | None = None,
+                 adopt: bool = False, **owner) -> str:
         """Take an address for an endpoint; `requested` is a static --ip. Returns the address.
 
         `within` (a CIDR inside the pool) restricts this allocation to a sub-range of the pool,
@@ -319,6 +320,8 @@ class IPAM:
             try:
                 self._create_allocation(Allocation(str(addr), network_id, host=self.host, **owner))
             except KeyExists:
+                if adopt and self._adopt(network_id, str(addr), owner):
+                    return str(addr)
                 raise Conflict(f"address {requested} is already in use on network {pool.network_name}{self._holder(network_id, addr)}") from None
             self._mark_taken(network_id, int(addr))
             return str(addr)
@@ -400,6 +403,32 @@ class IPAM:
         with self._lock:
             for cursor in self._cursors_of(network_id):
                 cursor.taken.add(address)
+
+    def _adopt(self, network_id: str, address: str, owner: dict) -> bool:
+        """Take over an address handed out with no endpoint yet (by netd's IPAM plugin to
+        dockerd, which then asks netd's network driver for the endpoint): compare-and-swap."""
+        key = f"{ADDRESSES}{network_id}/{address}"
+        pair = self.store.get(key)
+        held = _decoded(Allocation, pair) if pair is not None else None
+        if held is None or held.kind != "endpoint" or held.endpoint_id:
+            return False
+        try:
+            self.store.update(key, Allocation(address, network_id, host=self.host, **owner).to_json(), pair.version)
+        except VersionConflict:
+            return False
+        return True
+
+    def release_unclaimed(self, network_id: str, address: str) -> None:
+        """Release `address` if it is held with no endpoint (what the IPAM plugin handed out and
+        no endpoint took over): compare-and-swap."""
+        key = f"{ADDRESSES}{network_id}/{address}"
+        pair = self.store.get(key)
+        held = _decoded(Allocation, pair) if pair is not None else None
+        if held is None or held.kind != "endpoint" or held.endpoint_id:
+            return
+        with contextlib.suppress(VersionConflict):
+            self.store.delete(key, pair.version)
+        self._mark_free(network_id, address)
 
     def _create_allocation(self, allocation: Allocation) -> None:
         self.store.create(f"{ADDRESSES}{allocation.network_id}/{allocation.address}", allocation.to_json())

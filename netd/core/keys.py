@@ -29,3 +29,5 @@ def driver_folder(driver: str) -> str:
 
 def endpoint_name_key(network_id: str, name: str) -> str:
     return f"{ENDPOINT_NAMES}{network_id}/{name}"
+DOCKER_NETWORKS = ROOT + "docker/networks/"     # <dockerd's network id> -> netd network id (local store)
+DOCKER_USERS = ROOT + "docker/users/"           # <netd network id>/<host key>: hosts whose dockerd uses it

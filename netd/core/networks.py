@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from ipaddress import IPv4Network
 
 import drivers
@@ -54,7 +55,10 @@ class Networks:
         internal: bool = False,
         scope: str | None = None,
         builtin: bool = False,
+        network_id: str | None = None,
     ) -> Network:
+        """`network_id`: the id to give it (netd's Docker plugin derives one from the subnet, so
+        that every host's dockerd finds the same network)."""
         check_name("network", name)
         with self.lock:
             if driver not in self.drivers:
@@ -73,7 +77,7 @@ class Networks:
             if not impl.has_addresses and (subnet or gateway or ip_range or aux_addresses):
                 raise BadRequest(f"driver {driver} does not assign addresses: --subnet and friends do not apply")
             network = Network(
-                id=new_id(), name=name, driver=driver, scope=scope, internal=internal, ipam=ipam_config,
+                id=network_id or new_id(), name=name, driver=driver, scope=scope, internal=internal, ipam=ipam_config,
                 options=dict(options or {}), labels=dict(labels or {}), builtin=builtin,
             )
             impl.validate(network)
@@ -247,11 +251,11 @@ class Networks:
             raise Conflict(f"network {network.name} has active endpoints ({len(endpoints)} in the cluster store): "
                            "disconnect or remove those containers first")
 
-    def prune_networks(self) -> list[str]:
+    def prune_networks(self, chosen: Callable[[Network], bool] = lambda _network: True) -> list[str]:
         removed = []
         with self.lock:
             for network in self.list_networks():
-                if not network.builtin and not self.network_endpoints(network):
+                if not network.builtin and chosen(network) and not self.network_endpoints(network):
                     self.remove_network(network.id)
                     removed.append(network.name)
         return removed

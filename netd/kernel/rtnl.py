@@ -168,8 +168,12 @@ class Rtnl:
             disable_ipv6(name)
         self.request(RTM_SETLINK, NLM_F_ACK, ifinfo(flags=IFF_UP, change=IFF_UP) + name_attr(name))
 
-    def set_link(self, index: int, up: bool | None = None, group: int | None = None, name: str | None = None) -> None:
+    def set_link(self, index: int, up: bool | None = None, group: int | None = None, name: str | None = None,
+                 netns_fd: int | None = None) -> None:
+        """Change a link; with `netns_fd`, move it to that namespace (renamed to `name`, if given)."""
         attrs = b""
+        if netns_fd is not None:
+            attrs += u32(IFLA_NET_NS_FD, netns_fd)
         if group is not None:
             attrs += u32(IFLA_GROUP, group)
         if name is not None:
