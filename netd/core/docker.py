@@ -24,10 +24,10 @@ import threading
 import time
 from ipaddress import IPv4Network
 
-from netd.contract.errors import BadRequest, Conflict, NotFound
+from netd.contract.errors import BadRequest, Conflict, NotFound, Unavailable
 from netd.contract.model import GLOBAL, LOCAL, PortBinding, new_id, parse_subnet
 from netd.core.ipam import IPAM, Pool
-from netd.core.keys import DOCKER_NETWORKS, DOCKER_USERS
+from netd.core.keys import DOCKER_NETWORKS, DOCKER_USERS, NETWORKS
 from netd.kernel import netlink
 from netd.kernel.rtnl import Rtnl, flush_retired
 from runtime import namespaces
@@ -68,7 +68,7 @@ class DockerSide:
         name = generic.pop("netd.name", "")
         nid = network_id_for(subnet)
         with self._lock:
-            network = self.ctl.network_by_id(nid)
+            network = self.ctl.network_by_id(nid) or self._another_hosts_network(nid)
             if network is None:
                 self._free_plugin_pool(nid)
                 network = self.ctl.create_network(
@@ -82,6 +82,19 @@ class DockerSide:
             self.ctl.local_store.put(DOCKER_NETWORKS + docker_id, nid)
             self.ctl._store(network.scope).put(f"{DOCKER_USERS}{nid}/{self.ctl.host_key}", docker_id)
         log.info("dockerd's network %s is netd network %s", docker_id[:12], network.name)
+
+    def _another_hosts_network(self, nid: str, wait: float = 5.0):
+        """A network another host's dockerd made a moment ago may not have reached this host's
+        copy of the cluster yet: if the store has it, wait for it."""
+        if self.ctl.cluster_store is None or self.ctl.cluster_store.get(NETWORKS + nid) is None:
+            return None
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            network = self.ctl.network_by_id(nid)
+            if network is not None:
+                return network
+            time.sleep(0.05)
+        raise Unavailable(f"network {nid[:12]} is in the cluster store but not yet on this host: try again")
 
     def delete_network(self, docker_id: str) -> None:
         pair = self.ctl.local_store.get(DOCKER_NETWORKS + docker_id)
