@@ -448,6 +448,20 @@ class DockerBridgePeer:
         finally:
             probe.close()
 
+    def restart_dockerd(self) -> None:
+        """Stop dockerd (it stops its containers) and start it again with the same state. (A
+        SIGKILL is not offered: in its private mount namespace the new dockerd cannot take over
+        the old containerd.)"""
+        assert self.process is not None
+        if self.api is not None:
+            self.api.close()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+        if self.log_file is not None:
+            self.log_file.close()
+        self._start_dockerd()
+        self.api = DockerAPI(self.socket_path)
+
     def _log_tail(self, lines: int = 8) -> str:
         if not self.tmp:
             return ""

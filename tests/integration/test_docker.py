@@ -217,6 +217,23 @@ def test_containers_keep_their_network_when_netd_restarts(dk, clean):
         dk.docker_run("network", "rm", net, check=False)
 
 
+def test_netd_follows_dockerd_through_its_restart(dk, clean):
+    net, a, b = unique("nr"), unique("ca"), unique("cb")
+    dk.docker("network", "create", "-d", "netd-bridge", "--subnet", "10.90.13.0/24", net)
+    try:
+        sleeper(dk, a, net)
+        sleeper(dk, b, net)
+        dk.dockerd.restart_dockerd()
+        # dockerd stopped its containers (or found them dead): netd let their endpoints go
+        sandboxes = [c for c in json.loads(dk.netd.netd("ps", "-a", "--format", "json")) if "sandbox" in c["Command"]]
+        assert sandboxes == []
+        dk.docker("start", a, b)
+        assert pings(dk, a, b)
+    finally:
+        dk.docker_run("rm", "-f", a, b, check=False)
+        dk.docker_run("network", "rm", net, check=False)
+
+
 def test_every_call_of_the_protocol_is_answered_and_an_unknown_one_is_404(dk):
     def post(plugin: str, call: str, body: dict | None = None) -> tuple[int, dict]:
         conn = UnixHTTPConnection(os.path.join(dk.plugin_dir, plugin + ".sock"))
