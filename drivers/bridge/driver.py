@@ -162,7 +162,8 @@ class BridgeDriver(Driver):
                 os.close(fd)
             try:
                 host.set_hairpin(host.link_index(endpoint.host_ifname))
-                configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
+                if info.configure:
+                    configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
                 endpoint.gateway = gateway or ""
             except Exception:
                 retire_named(host, endpoint.host_ifname)

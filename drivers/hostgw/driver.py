@@ -262,7 +262,8 @@ class HostgwDriver(Leases, Routes, Driver):
             finally:
                 os.close(fd)
             try:
-                configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
+                if info.configure:
+                    configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
                 endpoint.gateway = gateway or ""
             except Exception:
                 retire_named(host, endpoint.host_ifname)

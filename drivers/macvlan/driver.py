@@ -342,7 +342,8 @@ class MacvlanDriver(Driver):
             finally:
                 os.close(fd)
         try:
-            configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
+            if info.configure:
+                configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
             endpoint.gateway = gateway or ""
             self._local.setdefault(network.id, {})[endpoint.id] = address
             if self.host_access(network):

@@ -308,7 +308,8 @@ class OverlayDriver(Driver):
                 finally:
                     os.close(fd)
                 try:
-                    configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
+                    if info.configure:
+                        configure_inside(info.netns, info.ifname, endpoint.ipv4, gateway)
                 except Exception:
                     retire_named(inside, endpoint.host_ifname, sandbox.netns)
                     raise

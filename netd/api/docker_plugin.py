@@ -16,6 +16,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 
@@ -160,6 +161,7 @@ class PluginHandler(BaseHTTPRequestHandler):
     server: PluginServer
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        started = time.perf_counter()
         name = self.path.lstrip("/")
         server = self.server
         status, reply = 200, {}
@@ -193,6 +195,7 @@ class PluginHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        log.debug("%s %s -> %d in %.2f ms", server.name, name, status, (time.perf_counter() - started) * 1000)
 
     def _peer_pid(self) -> int | None:
         try:

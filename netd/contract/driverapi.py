@@ -96,6 +96,9 @@ class JoinInfo:
     netns: str                   # the sandbox's network namespace path
     ifname: str                  # eth0, eth1, ...
     set_default_route: bool      # this network provides the container's default gateway
+    # False: only make the interface (in `netns`, named `ifname`); its runtime sets the address
+    # and routes (dockerd, which moves it into the container itself).
+    configure: bool = True
 
 
 @dataclass

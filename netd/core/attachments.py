@@ -60,7 +60,7 @@ class Attachments:
             return endpoint
 
     def _connect(self, container: Container, network: Network, ip: str | None, aliases: list[str], undo: Undo,
-                 ifname: str | None = None, adopt: bool = False, mac: str = "") -> Endpoint:
+                 ifname: str | None = None, adopt: bool = False, mac: str = "", configure: bool = True) -> Endpoint:
         """Create the endpoint, take its address, plumb it into the sandbox and store it.
 
         For a sandbox netd did not make: `ifname` the runtime's name for the interface, `adopt`
@@ -88,7 +88,7 @@ class Attachments:
             set_default = impl.has_addresses and not network.internal and not any(
                 e.gateway for e in self._container_endpoints(container)
             )
-            impl.join(network, endpoint, JoinInfo(container.netns, endpoint.ifname, set_default))
+            impl.join(network, endpoint, JoinInfo(container.netns, endpoint.ifname, set_default, configure))
             undo.push(impl.leave, network, endpoint)
         self._store_endpoint(store, network, endpoint)
         undo.push(self._unstore_endpoint, store, network, endpoint)

@@ -34,8 +34,9 @@ class External:
 
     def attach_external(self, kind: str, key: str, netns: str, network_ref: str, *, name: str = "",
                         ifname: str | None = None, ip: str | None = None, adopt: bool = False,
-                        mac: str = "") -> Endpoint:
-        """Join runtime `kind`'s sandbox `key` (its namespace at `netns`) to a network."""
+                        mac: str = "", configure: bool = True) -> Endpoint:
+        """Join runtime `kind`'s sandbox `key` (its namespace at `netns`) to a network; with
+        `configure` False, only make its interface there (the runtime sets address and routes)."""
         with self.lock:
             network = self.get_network(network_ref)
             impl = self.drivers[network.driver]
@@ -58,7 +59,8 @@ class External:
                 if new:
                     self.local_store.create(CONTAINER_NAMES + container.name, cid)
                     undo.push(self.local_store.delete, CONTAINER_NAMES + container.name)
-                endpoint = self._connect(container, network, ip, [], undo, ifname=ifname, adopt=adopt, mac=mac)
+                endpoint = self._connect(container, network, ip, [], undo, ifname=ifname, adopt=adopt, mac=mac,
+                                         configure=configure)
                 self.local_store.put(CONTAINERS + cid, container.to_json())
             self.containers[cid] = container
             self._container_names[container.name] = cid
@@ -114,7 +116,6 @@ class External:
                     del self._container_names[container.name]
             else:
                 self.local_store.put(CONTAINERS + container.id, container.to_json())
-            flush_retired()
             return detached
 
     def _restore_external(self, container: Container) -> None:

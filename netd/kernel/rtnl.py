@@ -31,6 +31,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_NEWROUTE = 20, 24
 RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
+NLM_F_DUMP = 0x300
 NLA_F_NESTED = 0x8000
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
@@ -129,10 +130,29 @@ class Rtnl:
                 if kind == NLMSG_DONE:
                     return replies
                 replies.append(body)
-                if not flags & NLM_F_ACK:
+                if not flags & (NLM_F_ACK | NLM_F_DUMP):
                     return replies
 
     # --- links ------------------------------------------------------------------------------
+
+    def links(self) -> list[tuple[int, str, str]]:
+        """(index, name, MAC) of every link in the namespace."""
+        found = []
+        for reply in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo() + u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)):
+            index = IFINFOMSG.unpack_from(reply)[2]
+            name, mac, offset = "", "", IFINFOMSG.size
+            while offset + 4 <= len(reply):
+                length, kind = struct.unpack_from("=HH", reply, offset)
+                if length < 4:
+                    break
+                data = reply[offset + 4: offset + length]
+                if kind == IFLA_IFNAME:
+                    name = data.rstrip(b"\0").decode()
+                elif kind == IFLA_ADDRESS:
+                    mac = ":".join(f"{b:02x}" for b in data)
+                offset += (length + 3) & ~3
+            found.append((index, name, mac))
+        return found
 
     def link_index(self, name: str) -> int | None:
         try:
