@@ -80,6 +80,10 @@ def pings(dk: DockerdHost, container: str, target: str) -> bool:
     return dk.docker_run("exec", container, "ping", "-c1", "-W2", target, check=False).returncode == 0
 
 
+def endpoint_id(dk: DockerdHost, container: str, network: str) -> str:
+    return dk.docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{network}").EndpointID}}}}', container)
+
+
 def docker_address(dk: DockerdHost, container: str, network: str) -> str:
     return dk.docker("inspect", "-f", f"{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}", container)
 
@@ -107,6 +111,10 @@ def test_a_bridge_network_of_two_containers_pings_publishes_and_leaves_nothing(d
             [docker_address(dk, a, net), address_b])
         [(pool, held)] = [(r["Network"], r) for r in json.loads(dk.netd.netd("ipam", "lookup", address_b, "--format", "json"))]
         assert pool == network["Name"] and held["Kind"] == "endpoint"
+        # ... and traces a probe between two of them, hop by hop
+        source, destination = (f"docker-{endpoint_id(dk, c, net)[:12]}" for c in (a, b))
+        traced = dk.netd.netd("trace", source, destination)
+        assert "the path works" in traced and "(bridge)" in traced, traced
         dk.docker("network", "disconnect", net, a)
         assert dk.docker("exec", a, "ip", "-o", "link").count("eth") == 0
         dk.docker("network", "connect", net, a)
