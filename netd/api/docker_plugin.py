@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 
+from netd.api import request
 from netd.api.errors import reported
 from netd.contract.errors import BadRequest, Internal
 from netd.core.docker import DockerSide
@@ -181,6 +182,7 @@ class PluginHandler(BaseHTTPRequestHandler):
                 if fn is None:
                     status, reply = 404, {"Err": f"netd plugin {server.name}: unknown call {name}"}
                 else:
+                    request.check("POST", "/" + name, body)
                     reply = fn(server.side, server.driver, body, self._peer_pid())
         except Exception as e:  # noqa: BLE001 - answer, keep serving
             error = reported(e)

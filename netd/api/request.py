@@ -12,6 +12,7 @@ from netd.contract.errors import BadRequest
 
 STR_LIST = [str]
 STR_MAP = {str: str}
+ANY_MAP = {str: object}   # an object whose values are not checked (passed on as they are)
 
 IPAM_CONFIG = {"Subnet": str, "Gateway": str, "IPRange": str, "AuxiliaryAddresses": STR_MAP}
 SCHEMAS: dict[tuple[str, str], dict] = {
@@ -33,6 +34,29 @@ SCHEMAS: dict[tuple[str, str], dict] = {
     },
     ("POST", "/debug/trace"): {"Source": str, "Destination": str, "Proto": str, "Size": int, "Timeout": "number"},
 }
+
+# Docker's plugin protocol (netd.api.docker_plugin): one schema per call.
+IP_DATA = [{"AddressSpace": str, "Pool": str, "Gateway": str, "AuxAddresses": STR_MAP}]
+PORT_MAP = [{"Proto": int, "IP": str, "Port": int, "HostIP": str, "HostPort": int, "HostPortEnd": int}]
+SCHEMAS.update({("POST", f"/{call}"): schema for call, schema in {
+    "NetworkDriver.CreateNetwork": {"NetworkID": str, "Options": {"com.docker.network.generic": ANY_MAP,
+                                                                  "com.docker.network.enable_ipv6": bool},
+                                    "IPv4Data": IP_DATA, "IPv6Data": IP_DATA},
+    "NetworkDriver.DeleteNetwork": {"NetworkID": str},
+    "NetworkDriver.CreateEndpoint": {"NetworkID": str, "EndpointID": str, "Options": ANY_MAP,
+                                     "Interface": {"Address": str, "AddressIPv6": str, "MacAddress": str}},
+    "NetworkDriver.EndpointOperInfo": {"NetworkID": str, "EndpointID": str},
+    "NetworkDriver.DeleteEndpoint": {"NetworkID": str, "EndpointID": str},
+    "NetworkDriver.Join": {"NetworkID": str, "EndpointID": str, "SandboxKey": str, "Options": ANY_MAP},
+    "NetworkDriver.Leave": {"NetworkID": str, "EndpointID": str},
+    "NetworkDriver.ProgramExternalConnectivity": {"NetworkID": str, "EndpointID": str,
+                                                  "Options": {"com.docker.network.portmap": PORT_MAP}},
+    "NetworkDriver.RevokeExternalConnectivity": {"NetworkID": str, "EndpointID": str},
+    "IpamDriver.RequestPool": {"AddressSpace": str, "Pool": str, "SubPool": str, "Options": STR_MAP, "V6": bool},
+    "IpamDriver.ReleasePool": {"PoolID": str},
+    "IpamDriver.RequestAddress": {"PoolID": str, "Address": str, "Options": STR_MAP},
+    "IpamDriver.ReleaseAddress": {"PoolID": str, "Address": str},
+}.items()})
 
 
 def check(method: str, route: str, body: dict) -> None:
@@ -63,6 +87,8 @@ def _check_value(value, kind, name: str) -> None:
         for index, item in enumerate(value):
             _check_value(item, kind[0], f"{name}[{index}]")
         return
+    elif kind == ANY_MAP:
+        ok, expected = isinstance(value, dict), "an object"
     elif kind == STR_MAP:
         ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
         expected = "an object of strings"

@@ -259,6 +259,17 @@ def test_every_call_of_the_protocol_is_answered_and_an_unknown_one_is_404(dk):
     assert status == 404 and "unknown call NetworkDriver.Teleport" in reply["Err"]
     status, reply = post("netd-bridge", "NetworkDriver.Join", {"EndpointID": "0" * 64, "SandboxKey": "/x"})
     assert status == 404 and "not known to netd" in reply["Err"]
+    # hostile requests: a clear 400, nothing made
+    for plugin, call, body, message in [
+        ("netd-bridge", "NetworkDriver.CreateNetwork", {"NetworkID": "x", "IPv4Data": "garbage"}, "IPv4Data must be a list"),
+        ("netd-bridge", "NetworkDriver.CreateNetwork", {"NetworkID": "x", "IPv4Data": [{"Pool": "300.1.1.0/24"}]},
+         "300.1.1.0/24"),
+        ("netd-bridge", "NetworkDriver.CreateEndpoint", {"NetworkID": "x", "EndpointID": ["y"]}, "EndpointID must be"),
+        ("netd", "IpamDriver.RequestPool", {"Pool": "10.0.0.0/33"}, "10.0.0.0/33"),
+        ("netd", "IpamDriver.RequestAddress", {"PoolID": "nosuch"}, "no address pool"),
+    ]:
+        status, reply = post(plugin, call, body)
+        assert status in (400, 404) and message in reply["Err"], (call, reply)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
