@@ -4,6 +4,7 @@
     ipam         allocations per second: embedded, etcd, etcd with 8 hosts at once
     convergence  overlay: from `netd run` on one host to the first reply from another
     dataplane    iperf3 across hosts per driver, as a fraction of host-to-host
+    cni          CNI ADD/DEL: the netd plugin vs the reference bridge plugin, one exec per call
 
 Each is also a module of its own (`python -m bench.attach --help`, ...). They measure; they do
 not pass or fail, except when a benchmark could not run at all.
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import sys
 
-from bench import attach, convergence, dataplane, ipam
+from bench import attach, cni, convergence, dataplane, ipam
 
-BENCHMARKS = {"attach": attach.main, "ipam": ipam.main, "convergence": convergence.main, "dataplane": dataplane.main}
+BENCHMARKS = {"attach": attach.main, "ipam": ipam.main, "convergence": convergence.main, "dataplane": dataplane.main,
+              "cni": cni.main}
 
 
 def main(argv: list[str]) -> int:

@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_container_commands(sub)
     add_cluster_commands(sub)
     add_debug_commands(sub)
+    from netd.api.cni import add_cni_commands
+    add_cni_commands(sub)
 
     info = sub.add_parser("info", help="daemon, stores, cluster and firewall status")
     info.add_argument("--format", choices=["table", "json"], default="table")
@@ -456,6 +458,9 @@ def add_debug_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("CNI_COMMAND"):   # run by a CNI runtime: the plugin (netd.api.cni)
+        from netd.api.cni import main as cni_main
+        return cni_main()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

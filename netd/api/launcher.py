@@ -5,7 +5,8 @@ environment's site packages. Python's own start-up with them (site, the editable
 pyroute2's and scapy's paths) costs more than the command. So the launcher runs those in an
 isolated interpreter without site packages (`-I -S`, netd's source first on sys.path), and hands
 the commands that need the environment (the daemon, capture, trace, cleanup) to the virtual
-environment's Python. `make install` writes it over pip's console script:
+environment's Python. A CNI runtime's call (CNI_COMMAND set) goes straight to the plugin
+(netd.api.cni), without the CLI's parser. `make install` writes it over pip's console script:
 
     python -m netd.api.launcher .venv/bin/netd
 """
@@ -20,6 +21,10 @@ FULL = ("daemon", "capture", "trace", "cleanup")   # commands that need the site
 TEMPLATE = """#!{python} -IS
 # netd's launcher, written by `python -m netd.api.launcher` (see netd/api/launcher.py).
 import sys
+if "CNI_COMMAND" in __import__("os").environ:   # run by a CNI runtime: the plugin, nothing else
+    sys.path.insert(0, {root!r})
+    from netd.api.cni import main
+    sys.exit(main())
 words = [a for a in sys.argv[1:] if not a.startswith("-")]
 if words and words[0] in {full!r}:
     import os

@@ -14,12 +14,13 @@ import re
 import socketserver
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlparse
 
-from netd.api import request, views
+from netd.api import cni_routes, request, views  # noqa: F401 - cni_routes: its routes register themselves
 from netd.api.errors import reported
+from netd.api.routing import ROUTES, Stream, Text, route
 from netd.contract import API_VERSION, MIN_API_VERSION, VERSION
 from netd.contract.errors import BadRequest, Internal, NotFound
 from netd.contract.model import PortBinding, parse_address
@@ -28,33 +29,6 @@ from netd.core.ports import parse_port_proto
 from runtime import logs
 
 log = logging.getLogger("netd.api.server")
-
-Handler = Callable[..., object]
-ROUTES: list[tuple[str, re.Pattern, Handler]] = []
-
-
-def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
-    regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
-
-    def register(fn: Handler) -> Handler:
-        fn.route = pattern   # the key of its body's schema (netd.api.request)
-        ROUTES.append((method, regex, fn))
-        return fn
-
-    return register
-
-
-class Text(str):
-    """A plain-text reply (Docker's /_ping answers "OK", not JSON)."""
-
-
-class Stream:
-    """A streamed reply: chunks of bytes written as they come, then the connection closes."""
-
-    def __init__(self, chunks: Iterator[bytes], content_type: str = "application/octet-stream"):
-        self.chunks = chunks
-        self.content_type = content_type
-
 
 # --- system -------------------------------------------------------------------------------
 
@@ -475,3 +449,4 @@ def _group_id(group: str | None) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         return None
+

@@ -17,6 +17,8 @@ LOCAL_SUBNETS = ROOT + "local-subnets/"       # <host key>/<network id> -> {"Nam
 HOSTS = ROOT + "hosts/"                       # <host key> -> live member (under a lease)
 HOST_RECORDS = ROOT + "host-records/"         # <host key> -> every host ever seen
 IPAM = ROOT + "ipam/"                         # pools/, subnets/, addresses/ (netd.core.ipam)
+CNI_ATTACHMENTS = ROOT + "cni/attachments/"   # <CNI network name>/<container id>/<ifname> -> what a CNI
+                                              # ADD made (netd.core.cni; local store)
 TRACE_REQUESTS = ROOT + "trace/requests/"     # <host>/<trace id>
 TRACE_RESULTS = ROOT + "trace/results/"       # <trace id>/<host>
 TRACE_STOPS = ROOT + "trace/stop/"            # <trace id>

@@ -215,10 +215,15 @@ class Networks:
                 raise Conflict(
                     f"network {network.name} has active endpoints ({names}): disconnect or remove those containers first"
                 )
+            impl = self.drivers[network.driver]
+            if impl.has_addresses:
+                lent = [a for a in self.ipam[network.scope].allocations(network.id) if a.kind == "cni"]
+                if lent:
+                    raise Conflict(f"network {network.name} lends {len(lent)} address(es) to CNI attachments "
+                                   f"(netd as another plugin's IPAM, e.g. {lent[0].address}): remove those first")
             store = self._store(network.scope)
             if network.scope == GLOBAL:
                 self._mark_removing(network)
-            impl = self.drivers[network.driver]
             impl.delete_network(network)
             if impl.has_addresses:
                 self.ipam[network.scope].release_pool(network.id)
@@ -256,7 +261,11 @@ class Networks:
         with self.lock:
             for network in self.list_networks():
                 if not network.builtin and chosen(network) and not self.network_endpoints(network):
-                    self.remove_network(network.id)
+                    try:
+                        self.remove_network(network.id)
+                    except Conflict as e:   # in use after all (another host's endpoint, a lent address)
+                        log.info("prune keeps %s: %s", network.name, e)
+                        continue
                     removed.append(network.name)
         return removed
 
