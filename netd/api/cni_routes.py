@@ -22,11 +22,7 @@ request.SCHEMAS.update({
 
 
 def side(ctl) -> CniSide:
-    """The controller's CNI side, made on first use."""
-    found = ctl.__dict__.get("cni_side")
-    if found is None:
-        found = ctl.__dict__.setdefault("cni_side", CniSide(ctl))
-    return found
+    return ctl.cni
 
 
 def _ids(body: dict) -> tuple[str, str, str]:

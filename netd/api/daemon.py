@@ -221,7 +221,8 @@ class Daemon:
         log.info("netd daemon ready on %s (run dir %s, data dir %s)", s.socket_path, s.run_dir, s.data_dir)
 
     def _maintain(self, interval: float = 10.0) -> None:
-        """Keep what grows bounded: containers' logs rotated by size (runtime.logs)."""
+        """Keep what grows bounded: containers' logs rotated by size (runtime.logs); CNI
+        attachments whose namespace went without a DEL let go."""
         from runtime.logs import rotate_if_large
 
         while not self._stopping.wait(interval):
@@ -229,6 +230,7 @@ class Daemon:
                 for container in self.controller.list_containers():
                     if rotate_if_large(self.controller.paths.log_file(container.id)):
                         log.info("rotated the log of %s", container.name)
+                self.controller.cni.sweep()
             except Exception:  # noqa: BLE001 - the maintenance thread must not die
                 log.exception("maintenance round failed")
 

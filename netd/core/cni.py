@@ -245,6 +245,21 @@ class CniSide:
                 return self.ctl.detach_external(KIND, container_id, network.id)
             return False
 
+    def sweep(self) -> int:
+        """Let go what a runtime attached and whose namespace is gone without a DEL (`ctr run -d
+        --cni` never sends one; a runtime may crash; netd may have been down): at start and from
+        the daemon's maintenance, now and then. The number let go."""
+        gone = 0
+        for known in self.attachments():
+            container = self.ctl.external_container(KIND, known.container_id)
+            netns = container.netns if container is not None and known.mode == PLUGIN else known.netns
+            if netns and not os.path.exists(netns):
+                log.info("CNI attachment %s/%s/%s: its namespace %s is gone; letting it go", known.name,
+                         known.container_id[:12], known.ifname, netns)
+                with contextlib.suppress(NetdError, KVError):
+                    gone += self.delete(known.name, known.container_id, known.ifname)
+        return gone
+
     def check(self, name: str, container_id: str, ifname: str, netns: str, prev_result: dict | None) -> None:
         check_ids(name, container_id, ifname)
         known = self.attachment(name, container_id, ifname)

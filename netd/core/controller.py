@@ -33,6 +33,7 @@ from netd.core.addresses import IpamAddressBook
 from netd.core.attachments import Attachments
 from netd.core.cluster import Cluster
 from netd.core.clusterevents import ClusterEvents
+from netd.core.cni import CniSide
 from netd.core.containers import Containers
 from netd.core.dns import Resolver
 from netd.core.external import External
@@ -98,6 +99,7 @@ class Controller(Networks, Containers, Attachments, External, Ports, Resolution,
         self._advert_lock = threading.Lock()
         self._advert_thread: threading.Thread | None = None
         self.info_extra = None     # the daemon adds its own facts (socket, stores, firewall) to info()
+        self.cni = CniSide(self)   # what a CNI runtime's calls mean (netd as a CNI plugin)
 
     def _driver_context(self, name: str) -> DriverContext:
         """A driver's view of the daemon: its own folders of the stores, the address book."""
@@ -133,6 +135,7 @@ class Controller(Networks, Containers, Attachments, External, Ports, Resolution,
                 self._load_own_global_endpoints(in_cluster)
             self.resolver.start()
             self._restore()
+            self.cni.sweep()
             self._ensure_builtin_networks()
             for network in list(self.networks.values()):   # this host's local subnets, known cluster-wide
                 self._advertise_local_subnet(network)
@@ -193,8 +196,7 @@ class Controller(Networks, Containers, Attachments, External, Ports, Resolution,
             if container.state != "running":
                 continue
             if container.external:
-                self._restore_external(container)
-                continue
+                continue   # no process: its runtime says when it goes (CNI's gone ones: CniSide.sweep)
             if process.is_running(container.pid, container.start_time):
                 self._watch_exit(container)
                 if container.netns and not container.shares_netns_of:

@@ -118,17 +118,6 @@ class External:
                 self.local_store.put(CONTAINERS + container.id, container.to_json())
             return detached
 
-    def _restore_external(self, container: Container) -> None:
-        """At start: a CNI sandbox whose namespace went while netd was down is let go (its
-        runtime's DEL may never come); dockerd tells netd itself (Leave, DeleteEndpoint)."""
-        if container.external == "cni" and not os.path.exists(container.netns):
-            log.info("%s sandbox %s went while the daemon was down", container.external, container.name)
-            self._teardown_networking(container)
-            self.local_store.delete(CONTAINERS + container.id)
-            self.local_store.delete(CONTAINER_NAMES + container.name)
-            self.containers.pop(container.id, None)
-            self._container_names.pop(container.name, None)
-
     def publish_external(self, kind: str, key: str, ports: list[PortBinding]) -> list[PortBinding]:
         """Publish host ports to the sandbox's (first) endpoint; returns them with the host ports
         chosen for those asked as 0."""

@@ -96,6 +96,11 @@ conmon_env_vars = ["PATH={SYSTEM_PATH}", "CONTAINERS_CONF={conf}"]
         subprocess.run(["umount", "-R", f"{self.dir}/root"], capture_output=True)
         subprocess.run(["umount", "-R", f"{self.dir}/runroot"], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+        # podman (cgroupfs) leaves its conmon cgroup behind: remove it once empty
+        for hierarchy in os.listdir("/sys/fs/cgroup"):
+            for leftover in ("libpod_parent/conmon", "libpod_parent"):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, leftover))
 
 
 @pytest.fixture
