@@ -5,6 +5,7 @@
     convergence  overlay: from `netd run` on one host to the first reply from another
     dataplane    iperf3 across hosts per driver, as a fraction of host-to-host
     cni          CNI ADD/DEL: the netd plugin vs the reference bridge plugin, one exec per call
+    plugin       `docker network connect` through netd's plugin vs Docker's own bridge driver
 
 Each is also a module of its own (`python -m bench.attach --help`, ...). They measure; they do
 not pass or fail, except when a benchmark could not run at all.
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import sys
 
-from bench import attach, cni, convergence, dataplane, ipam
+from bench import attach, cni, convergence, dataplane, ipam, plugin
 
 BENCHMARKS = {"attach": attach.main, "ipam": ipam.main, "convergence": convergence.main, "dataplane": dataplane.main,
-              "cni": cni.main}
+              "cni": cni.main, "plugin": plugin.main}
 
 
 def main(argv: list[str]) -> int:
