@@ -3,6 +3,7 @@
 import pytest
 
 from runtime.rootfs import make_busybox_rootfs
+from tests.support.cni import CniRuntime
 from tests.support.hosts import NetdHost
 
 
@@ -17,3 +18,13 @@ def busybox_rootfs(tmp_path_factory):
     path = tmp_path_factory.mktemp("rootfs") / "busybox"
     make_busybox_rootfs(str(path))
     return str(path)
+
+
+@pytest.fixture
+def rt(host):
+    """A CNI runtime of the test host: namespaces to attach, the plugin run as a runtime runs it."""
+    runtime = CniRuntime(host)
+    try:
+        yield runtime
+    finally:
+        runtime.cleanup()

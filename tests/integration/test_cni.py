@@ -37,15 +37,6 @@ from tests.support.hosts import UPLINK_HOST
 pytestmark = pytest.mark.skipif(not os.access(NETD, os.X_OK), reason="needs the installed netd (make install)")
 
 
-@pytest.fixture
-def rt(host):
-    runtime = CniRuntime(host)
-    try:
-        yield runtime
-    finally:
-        runtime.cleanup()
-
-
 
 def interfaces_in(rt: CniRuntime, netns: str) -> list[str]:
     out = rt.in_ns(netns, "ip -o link show").stdout

@@ -28,15 +28,6 @@ from tests.support.hosts import UPLINK_HOST
 pytestmark = pytest.mark.skipif(not os.access(NETD, os.X_OK), reason="needs the installed netd (make install)")
 
 
-@pytest.fixture
-def rt(host):
-    runtime = CniRuntime(host)
-    try:
-        yield runtime
-    finally:
-        runtime.cleanup()
-
-
 PODMAN = shutil.which("podman")
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
