@@ -165,7 +165,7 @@ class PluginHandler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         name = self.path.lstrip("/")
         server = self.server
-        status, reply = 200, {}
+        status, reply, raw = 200, {}, b""
         try:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
@@ -197,7 +197,8 @@ class PluginHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        log.debug("%s %s -> %d in %.2f ms", server.name, name, status, (time.perf_counter() - started) * 1000)
+        log.debug("%s %s %s -> %d %s in %.2f ms", server.name, name, raw[:2000].decode(errors="replace"), status,
+                  data[:2000].decode(errors="replace"), (time.perf_counter() - started) * 1000)
 
     def _peer_pid(self) -> int | None:
         try:
