@@ -77,8 +77,12 @@ class DockerSide:
             elif network.driver != driver:
                 raise Conflict(f"subnet {subnet} is netd network {network.name} of driver {network.driver}, "
                                f"not {driver}")
+            users = self.ctl._store(network.scope)
+            mine = users.get(f"{DOCKER_USERS}{nid}/{self.ctl.host_key}")
+            if mine is not None and mine.value != docker_id and self.ctl.local_store.get(DOCKER_NETWORKS + mine.value):
+                raise Conflict(f"subnet {subnet} is already another network of this dockerd ({mine.value[:12]})")
             self.ctl.local_store.put(DOCKER_NETWORKS + docker_id, nid)
-            self.ctl._store(network.scope).put(f"{DOCKER_USERS}{nid}/{self.ctl.host_key}", docker_id)
+            users.put(f"{DOCKER_USERS}{nid}/{self.ctl.host_key}", docker_id)
         log.info("dockerd's network %s is netd network %s", docker_id[:12], network.name)
 
     def _another_hosts_network(self, nid: str, wait: float = 5.0):

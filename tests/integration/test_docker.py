@@ -170,6 +170,11 @@ def test_the_ipam_driver_gives_netd_addresses_to_netd_and_docker_drivers(dk, cle
         assert held["Container"] == "docker"
         message = dk.docker_fails("run", "--rm", "-d", "--network", ours, "--ip", "10.90.4.40", dk.image, "sleep", "1")
         assert "10.90.4.40 is already in use" in message
+        # one subnet, one network of this dockerd (netd's IPAM would share the pool)
+        message = dk.docker_fails("network", "create", "-d", "netd-bridge", "--ipam-driver", "netd", "--subnet",
+                                  "10.90.4.0/24", unique("twin"))
+        assert "already another network of this dockerd" in message
+        assert pings(dk, a, "10.90.4.1")
     finally:
         dk.docker_run("rm", "-f", a, b, check=False)
         dk.docker_run("network", "rm", ours, theirs, check=False)
