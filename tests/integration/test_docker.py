@@ -197,6 +197,16 @@ def test_bad_input_reaches_the_docker_cli_as_one_line_and_leaves_nothing(dk, cle
     assert dk.docker("network", "ls", "-q") == networks
 
 
+def test_the_netd_network_can_be_named(dk, clean):
+    net, name = unique("nn"), unique("shop")
+    dk.docker("network", "create", "-d", "netd-bridge", "--subnet", "10.90.14.0/24", "-o", f"netd.name={name}", net)
+    try:
+        [network] = json.loads(dk.netd.netd("network", "inspect", name))
+        assert network["Options"] == {} and network["Id"] == network_id(dk, net)
+    finally:
+        dk.docker_run("network", "rm", net, check=False)
+
+
 def test_a_taken_address_fails_the_container_cleanly(dk, clean):
     net, name = unique("nt"), unique("ct")
     dk.docker("network", "create", "-d", "netd-bridge", "--subnet", "10.90.9.0/24", net)
