@@ -28,11 +28,11 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from kvstore import Create, Delete, KeyExists, KVStore, StoreError, Update, VersionConflict
+from kvstore import Create, Delete, KeyExists, KVPair, KVStore, StoreError, Update, VersionConflict
 from netd.contract.errors import BadRequest, Conflict, NotFound
 from netd.contract.model import now, parse_address, parse_subnet  # noqa: F401 - parse_* used by callers of ipam too
 from netd.core import keys
@@ -409,8 +409,7 @@ class IPAM:
         dockerd, which then asks netd's network driver for the endpoint): compare-and-swap."""
         key = f"{ADDRESSES}{network_id}/{address}"
         pair = self.store.get(key)
-        held = _decoded(Allocation, pair) if pair is not None else None
-        if held is None or held.kind != "endpoint" or held.endpoint_id:
+        if pair is None or not _unclaimed(pair):
             return False
         try:
             self.store.update(key, Allocation(address, network_id, host=self.host, **owner).to_json(), pair.version)
@@ -420,11 +419,15 @@ class IPAM:
 
     def release_unclaimed(self, network_id: str, address: str) -> None:
         """Release `address` if it is held with no endpoint (what the IPAM plugin handed out and
-        no endpoint took over): compare-and-swap."""
+        no endpoint took over)."""
+        self._release_if(network_id, address, _unclaimed)
+
+    def _release_if(self, network_id: str, address: str, holds: Callable[[KVPair], bool]) -> None:
+        """Release `address` only while `holds` says its allocation is still the one meant
+        (another host may have taken it again since): a compare-and-swap delete."""
         key = f"{ADDRESSES}{network_id}/{address}"
         pair = self.store.get(key)
-        held = _decoded(Allocation, pair) if pair is not None else None
-        if held is None or held.kind != "endpoint" or held.endpoint_id:
+        if pair is None or not holds(pair):
             return
         with contextlib.suppress(VersionConflict):
             self.store.delete(key, pair.version)
@@ -458,15 +461,8 @@ class IPAM:
                 cursor.taken.discard(int(IPv4Address(address)))
 
     def release_owned(self, network_id: str, address: str, endpoint_id: str) -> None:
-        """Release `address` only if `endpoint_id` still holds it (another host may have taken
-        it again since): a compare-and-swap delete."""
-        key = f"{ADDRESSES}{network_id}/{address}"
-        pair = self.store.get(key)
-        if pair is None or json.loads(pair.value).get("endpoint_id") != endpoint_id:
-            return
-        with contextlib.suppress(VersionConflict):
-            self.store.delete(key, pair.version)
-        self._mark_free(network_id, address)
+        """Release `address` only if `endpoint_id` still holds it."""
+        self._release_if(network_id, address, lambda pair: json.loads(pair.value).get("endpoint_id") == endpoint_id)
 
     def reserve(self, network_id: str, address: str, kind: str = "gateway", name: str = "") -> None:
         """Hold an address that no endpoint may get (e.g. the gateway of a host's sub-range).
@@ -485,14 +481,8 @@ class IPAM:
         self._mark_taken(network_id, int(addr))
 
     def release_reserved(self, network_id: str, address: str, name: str) -> None:
-        """Release what reserve() took under `name`, only if it is still held so (compare-and-swap)."""
-        key = f"{ADDRESSES}{network_id}/{address}"
-        pair = self.store.get(key)
-        if pair is None or json.loads(pair.value).get("name") != name:
-            return
-        with contextlib.suppress(VersionConflict):
-            self.store.delete(key, pair.version)
-        self._mark_free(network_id, address)
+        """Release what reserve() took under `name`, only if it is still held so."""
+        self._release_if(network_id, address, lambda pair: json.loads(pair.value).get("name") == name)
 
     def allocations(self, network_id: str) -> list[Allocation]:
         pairs, _ = self.store.list(f"{ADDRESSES}{network_id}/")
@@ -515,6 +505,12 @@ class IPAM:
         allocatable = pool.allocatable
         used = sum(1 for p in pairs if ipaddress.IPv4Address(p.key.rsplit("/", 1)[1]) in allocatable)
         return pool.usable_hosts(), used
+
+
+def _unclaimed(pair: KVPair) -> bool:
+    """An endpoint's allocation that no endpoint took yet (handed out by the IPAM plugin)."""
+    held = _decoded(Allocation, pair)
+    return held is not None and held.kind == "endpoint" and not held.endpoint_id
 
 
 def _decoded(cls, pair):
