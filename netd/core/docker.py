@@ -132,11 +132,10 @@ class DockerSide:
         address and routes to dockerd (moving an interface between namespaces costs the kernel
         10-30 ms: dockerd's move into the container is the only one)."""
         nid = self.network_of(docker_network)
-        self.ctl.attach_external(KIND, endpoint_id, HOST_NAMESPACE, nid, name=f"docker-{endpoint_id[:12]}",
-                                 ifname=interface_name(endpoint_id), ip=_address(address) or None, adopt=True,
-                                 mac=mac, configure=False)
-        _container, endpoint = self.endpoint(endpoint_id)
-        self.ctl.relocate_external(KIND, endpoint_id, "", interface_name(endpoint_id))
+        # Until Join the endpoint's interface is where the record says: in the daemon's namespace.
+        endpoint = self.ctl.attach_external(KIND, endpoint_id, HOST_NAMESPACE, nid, name=f"docker-{endpoint_id[:12]}",
+                                            ifname=interface_name(endpoint_id), ip=_address(address) or None,
+                                            adopt=True, mac=mac, configure=False)
         return endpoint.mac
 
     def endpoint(self, endpoint_id: str):
